@@ -1,0 +1,65 @@
+//! The node's lifecycle events (SPEC: `P2PInitializing`, `P2PConnected`, `P2PActive`,
+//! `P2PDisconnected`, `P2PFailed`), rate-limited per reason so that a busy node cannot flood
+//! whoever listens. Today they go to the log; the Kubernetes recorder plugs in here.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Initializing,
+    Connected,
+    Active,
+    Disconnected,
+    Failed,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Initializing => "P2PInitializing",
+            Reason::Connected => "P2PConnected",
+            Reason::Active => "P2PActive",
+            Reason::Disconnected => "P2PDisconnected",
+            Reason::Failed => "P2PFailed",
+        }
+    }
+
+    pub fn is_warning(self) -> bool {
+        matches!(self, Reason::Disconnected | Reason::Failed)
+    }
+
+    /// The shortest time between two events of this reason.
+    fn min_interval(self) -> Duration {
+        match self {
+            Reason::Active | Reason::Failed => Duration::from_secs(30),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Reporter {
+    last: HashMap<Reason, Instant>,
+    suppressed: HashMap<Reason, u64>,
+}
+
+impl Reporter {
+    /// Reports an event unless one of the same reason went out too recently.
+    pub fn report(&mut self, reason: Reason, message: &str) {
+        let now = Instant::now();
+        if let Some(t) = self.last.get(&reason) {
+            if now.duration_since(*t) < reason.min_interval() {
+                *self.suppressed.entry(reason).or_default() += 1;
+                return;
+            }
+        }
+        self.last.insert(reason, now);
+        let also = self.suppressed.remove(&reason).unwrap_or(0);
+        if reason.is_warning() {
+            tracing::warn!(event = reason.as_str(), suppressed = also, "{message}");
+        } else {
+            tracing::info!(event = reason.as_str(), suppressed = also, "{message}");
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The request handlers of the pull API: local content first, then peers, else a 404 that sends
+//! containerd to its next host. Data flows one way: parse → local store → lookup → fetch →
+//! verify → respond.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+
+use super::fetch::{self, PeerResponse, RelayOutcome};
+use super::http::{self, Method, Request};
+use super::send;
+use super::Shard;
+use crate::messages::ControlRequest;
+use crate::metrics::{FromLabels, Handler, OpLabels, RequestLabels, Source};
+use crate::oci::{self, ByteRange, Digest, ManifestDoc, OciError, Reference, Route};
+use crate::store::MAX_MANIFEST_BYTES;
+
+/// What happened to one request, for metrics and for whether the connection can go on.
+pub struct Outcome {
+    pub status: u16,
+    pub handler: Handler,
+    /// The response was not completed as announced: the connection must close.
+    pub broken: bool,
+}
+
+impl Outcome {
+    fn ok(status: u16, handler: Handler) -> Self {
+        Self { status, handler, broken: false }
+    }
+}
+
+/// Answers one request on `stream`.
+pub async fn handle(shard: &Rc<Shard>, stream: &mut TcpStream, req: &Request) -> Outcome {
+    let started = Instant::now();
+    let route = oci::route(&req.method_name, &req.target);
+    let handler = match route {
+        Ok(Route::StreamBlob { .. }) => Handler::Files,
+        _ => Handler::Oci,
+    };
+    let outcome = match route {
+        Err(e) => respond_error(stream, &e, req, handler).await,
+        Ok(Route::ApiVersion) => {
+            let out = http::head(200, 2, &[("Content-Type", "application/json")], req.close);
+            let mut out = out;
+            if req.method == Method::Get {
+                out.extend_from_slice(b"{}");
+            }
+            write_or_break(stream, out, 200, handler).await
+        }
+        Ok(Route::Blob { digest, registry, name }) => {
+            if let Err(e) = shard.check_registry(registry.as_deref()) {
+                respond_error(stream, &e, req, handler).await
+            } else {
+                let target = blob_target(&name, &digest, registry.as_deref());
+                serve_blob(shard, stream, req, &digest, &target, handler).await
+            }
+        }
+        Ok(Route::StreamBlob { digest, .. }) => {
+            // Content is shared by digest, so peers are asked through the /v2 path they all serve.
+            let target = blob_target("peerd/stream", &digest, None);
+            serve_blob(shard, stream, req, &digest, &target, handler).await
+        }
+        Ok(Route::Manifest { name, reference, registry }) => match shard.check_registry(registry.as_deref()) {
+            Err(e) => respond_error(stream, &e, req, handler).await,
+            Ok(()) => serve_manifest(shard, stream, req, &name, &reference, registry.as_deref()).await,
+        },
+    };
+    let elapsed = started.elapsed();
+    let stats = shard.stats();
+    stats.request(outcome.handler, outcome.status);
+    shard.observe_duration(
+        RequestLabels {
+            handler: if outcome.handler == Handler::Oci { "oci" } else { "files" },
+            method: req.method.as_str(),
+            code: outcome.status,
+        },
+        elapsed,
+    );
+    if outcome.status >= 500 {
+        shard.control.send(ControlRequest::RequestFailed { reason: format!("{} {}", outcome.status, req.target) });
+    }
+    outcome
+}
+
+fn blob_target(name: &str, digest: &Digest, registry: Option<&str>) -> String {
+    match registry {
+        Some(r) => format!("/v2/{name}/blobs/{digest}?ns={r}"),
+        None => format!("/v2/{name}/blobs/{digest}"),
+    }
+}
+
+async fn respond_error(stream: &mut TcpStream, e: &OciError, req: &Request, handler: Handler) -> Outcome {
+    let out = http::error_response(e, req.method, req.close);
+    write_or_break(stream, out, e.status(), handler).await
+}
+
+async fn write_or_break(stream: &mut TcpStream, bytes: Vec<u8>, status: u16, handler: Handler) -> Outcome {
+    let broken = http::write_all(stream, bytes).await.is_err();
+    Outcome { status, handler, broken }
+}
+
+async fn serve_blob(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    req: &Request,
+    digest: &Digest,
+    target: &str,
+    handler: Handler,
+) -> Outcome {
+    match shard.store.open(digest) {
+        Ok((file, size)) => {
+            let range = match oci::parse_range(req.range.as_deref(), size) {
+                Ok(r) => r,
+                Err(e) => return respond_error(stream, &e, req, handler).await,
+            };
+            let window = range.unwrap_or(ByteRange { start: 0, end: size.saturating_sub(1) });
+            let len = if size == 0 { 0 } else { window.len() };
+            let out = blob_head(digest, size, range, req.close);
+            let status = if range.is_some() { 206 } else { 200 };
+            if http::write_all(stream, out).await.is_err() {
+                return Outcome { status, handler, broken: true };
+            }
+            if req.method == Method::Head || len == 0 {
+                return Outcome::ok(status, handler);
+            }
+            let t = Instant::now();
+            let (sent, res) = send::send_file(stream, &file, window.start, len).await;
+            shard.stats().busy(t.elapsed().as_nanos() as u64 / 8);
+            shard.stats().served(Source::Local, sent);
+            Outcome { status, handler, broken: res.is_err() }
+        }
+        Err(_) if req.from_peer => respond_error(stream, &OciError::NotFound, req, handler).await,
+        Err(_) => serve_blob_from_peers(shard, stream, req, digest, target, handler).await,
+    }
+}
+
+fn blob_head(digest: &Digest, size: u64, range: Option<ByteRange>, close: bool) -> Vec<u8> {
+    let d = digest.to_string();
+    let etag = format!("\"{d}\"");
+    let mut headers = vec![
+        ("Content-Type", "application/octet-stream"),
+        ("Docker-Content-Digest", d.as_str()),
+        ("Accept-Ranges", "bytes"),
+        ("ETag", etag.as_str()),
+    ];
+    match range {
+        Some(r) => {
+            let cr = format!("bytes {}-{}/{size}", r.start, r.end);
+            headers.push(("Content-Range", &cr));
+            http::head(206, r.len(), &headers, close)
+        }
+        None => http::head(200, size, &headers, close),
+    }
+}
+
+async fn serve_blob_from_peers(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    req: &Request,
+    digest: &Digest,
+    target: &str,
+    handler: Handler,
+) -> Outcome {
+    let providers = shard.find_providers(digest.to_string()).await;
+    if providers.is_empty() {
+        let e = OciError::NotFound;
+        return respond_error(stream, &e, req, handler).await;
+    }
+    let method = if req.method == Method::Head { "HEAD" } else { "GET" };
+    let (resp, idx) = match fetch::first_response(&providers, 0, method, target, None, shard.cfg.hedge_delay).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%digest, error = %e, "no provider could serve");
+            return respond_error(stream, &OciError::NotFound, req, handler).await;
+        }
+    };
+    let size = resp.content_length;
+    let range = match oci::parse_range(req.range.as_deref(), size) {
+        Ok(r) => r,
+        Err(e) => return respond_error(stream, &e, req, handler).await,
+    };
+    let status = if range.is_some() { 206 } else { 200 };
+    if http::write_all(stream, blob_head(digest, size, range, req.close)).await.is_err() {
+        return Outcome { status, handler, broken: true };
+    }
+    if req.method == Method::Head || size == 0 {
+        return Outcome::ok(status, handler);
+    }
+    let window = range.unwrap_or(ByteRange { start: 0, end: size - 1 });
+    shard.stats().lookup_started();
+    let outcome =
+        fetch::relay_blob(stream, resp, idx, &providers, target, digest, size, window, shard.cfg.hedge_delay).await;
+    shard.stats().lookup_finished();
+    match outcome {
+        RelayOutcome::Complete { from_peers, elapsed } => {
+            shard.stats().served(Source::Peer, window.len());
+            shard.metrics.bytes_fetched.get_or_create(&FromLabels { from: "peer" }).inc_by(from_peers);
+            observe_speed(shard, "blob", from_peers, elapsed);
+            shard.control.send(ControlRequest::ServedFromPeer { bytes: from_peers });
+            Outcome::ok(status, handler)
+        }
+        RelayOutcome::Mismatch { peer_id } => {
+            tracing::warn!(%digest, peer = %peer_id, "peer sent bytes that do not match the digest");
+            shard.metrics.digest_mismatch.get_or_create(&FromLabels { from: "peer" }).inc();
+            shard.control.send(ControlRequest::BadPeer { peer_id });
+            Outcome { status: 502, handler, broken: true }
+        }
+        RelayOutcome::Failed => Outcome { status: 502, handler, broken: true },
+        RelayOutcome::ClientGone => Outcome { status, handler, broken: true },
+    }
+}
+
+fn observe_speed(shard: &Shard, op: &'static str, bytes: u64, elapsed: Duration) {
+    let secs = elapsed.as_secs_f64().max(1e-6);
+    let mib_s = bytes as f64 / (1024.0 * 1024.0) / secs;
+    shard.metrics.peer_response_speed.get_or_create(&OpLabels { op }).observe(mib_s);
+}
+
+/// A manifest ready to send.
+struct ManifestBody {
+    bytes: Vec<u8>,
+    digest: Digest,
+    media_type: String,
+}
+
+async fn serve_manifest(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    req: &Request,
+    name: &str,
+    reference: &Reference,
+    registry: Option<&str>,
+) -> Outcome {
+    let handler = Handler::Oci;
+    if let Reference::Tag(tag) = reference {
+        // A re-pushed `latest` must not stay pinned to whichever copy the cluster saw first.
+        if tag == "latest" && !shard.cfg.resolve_latest_tag {
+            return respond_error(stream, &OciError::NotFound, req, handler).await;
+        }
+    }
+    let registry = registry.or(shard.cfg.default_registry.as_deref());
+    let local = local_manifest(shard, name, reference, registry);
+    let body = match local {
+        Some(b) => Some(b),
+        None if req.from_peer => None,
+        None => manifest_from_peers(shard, name, reference, registry).await,
+    };
+    let Some(body) = body else {
+        return respond_error(stream, &OciError::NotFound, req, handler).await;
+    };
+    let d = body.digest.to_string();
+    let headers = [("Content-Type", body.media_type.as_str()), ("Docker-Content-Digest", d.as_str())];
+    let mut out = http::head(200, body.bytes.len() as u64, &headers, req.close);
+    if req.method == Method::Get {
+        out.extend_from_slice(&body.bytes);
+    }
+    write_or_break(stream, out, 200, handler).await
+}
+
+fn local_manifest(shard: &Shard, name: &str, reference: &Reference, registry: Option<&str>) -> Option<ManifestBody> {
+    let (digest, known_type) = match reference {
+        Reference::Digest(d) => (d.clone(), None),
+        Reference::Tag(tag) => {
+            let index = shard.index.load();
+            let target = index.tags.get(&oci::tag_key(registry?, name, tag))?;
+            (target.digest.clone(), Some(target.media_type.clone()))
+        }
+    };
+    let bytes = shard.store.read_small(&digest).ok()?;
+    if Digest::of(&bytes) != digest {
+        // The store is corrupt: never serve it, and say so.
+        tracing::warn!(%digest, "local manifest does not match its digest");
+        shard.metrics.digest_mismatch.get_or_create(&FromLabels { from: "local" }).inc();
+        return None;
+    }
+    let doc = ManifestDoc::parse(&bytes)?;
+    let media_type = known_type.filter(|t| !t.is_empty()).or_else(|| doc.detect_media_type().map(str::to_owned))?;
+    Some(ManifestBody { bytes, digest, media_type })
+}
+
+async fn manifest_from_peers(
+    shard: &Rc<Shard>,
+    name: &str,
+    reference: &Reference,
+    registry: Option<&str>,
+) -> Option<ManifestBody> {
+    let (key, reference_str) = match reference {
+        Reference::Digest(d) => (d.to_string(), d.to_string()),
+        Reference::Tag(t) => (oci::tag_key(registry?, name, t), t.clone()),
+    };
+    let providers = shard.find_providers(key).await;
+    if providers.is_empty() {
+        return None;
+    }
+    let target = match registry {
+        Some(r) => format!("/v2/{name}/manifests/{reference_str}?ns={r}"),
+        None => format!("/v2/{name}/manifests/{reference_str}"),
+    };
+    for start in 0..providers.len() {
+        let started = Instant::now();
+        let Ok((resp, idx)) =
+            fetch::first_response(&providers, start, "GET", &target, None, shard.cfg.hedge_delay).await
+        else {
+            return None;
+        };
+        if let Some(body) = verify_manifest(shard, resp, reference).await {
+            shard.metrics.bytes_fetched.get_or_create(&FromLabels { from: "peer" }).inc_by(body.bytes.len() as u64);
+            observe_speed(shard, "manifest", body.bytes.len() as u64, started.elapsed());
+            return Some(body);
+        }
+        shard.control.send(ControlRequest::BadPeer { peer_id: providers[idx].peer_id.clone() });
+    }
+    None
+}
+
+/// A manifest from a peer is accepted only if its bytes hash to the digest asked for (or, for a
+/// tag, to the digest the peer claims) and it parses as a manifest or index.
+async fn verify_manifest(shard: &Shard, resp: PeerResponse, reference: &Reference) -> Option<ManifestBody> {
+    let claimed = resp.docker_digest.clone();
+    let peer_type = resp.content_type.clone();
+    let bytes = resp.read_to_end(MAX_MANIFEST_BYTES).await.ok()?;
+    let actual = Digest::of(&bytes);
+    let expected = match reference {
+        Reference::Digest(d) => d.clone(),
+        Reference::Tag(_) => Digest::parse(claimed.as_deref()?).ok()?,
+    };
+    if actual != expected {
+        shard.metrics.digest_mismatch.get_or_create(&FromLabels { from: "peer" }).inc();
+        return None;
+    }
+    let doc = ManifestDoc::parse(&bytes)?;
+    let media_type = doc.detect_media_type().map(str::to_owned).or(peer_type)?;
+    Some(ManifestBody { bytes, digest: actual, media_type })
+}

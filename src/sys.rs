@@ -1,0 +1,92 @@
+//! The few syscalls that no crate we use wraps for us. Every `unsafe` block of peerd lives here.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+/// One `sendfile(2)` call: copies up to `count` bytes of `file` at `offset` into `socket` inside
+/// the kernel. Returns the bytes sent; `WouldBlock` when the (non-blocking) socket is full.
+pub fn sendfile(socket: RawFd, file: &impl AsRawFd, offset: u64, count: usize) -> io::Result<usize> {
+    let mut off = offset as libc::off_t;
+    // SAFETY: both descriptors are open for the whole call (the caller holds them), and `off` is a
+    // valid, exclusively borrowed off_t the kernel updates.
+    let n = unsafe { libc::sendfile(socket, file.as_raw_fd(), &mut off, count) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Starts asynchronous readahead of a file range, so that a later `sendfile` finds the pages in
+/// the page cache instead of blocking the shard on a cold disk read.
+pub fn will_need(file: &impl AsRawFd, offset: u64, len: u64) {
+    // SAFETY: posix_fadvise only reads its integer arguments; a bad fd yields an error code.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), offset as libc::off_t, len as libc::off_t, libc::POSIX_FADV_WILLNEED);
+    }
+}
+
+/// Sets or clears `O_NONBLOCK`, returning the previous setting. io_uring keeps sockets blocking,
+/// but `sendfile` must never block a shard, so the socket is switched around each body.
+pub fn set_nonblocking(fd: RawFd, nonblocking: bool) -> io::Result<bool> {
+    // SAFETY: fcntl with F_GETFL/F_SETFL on an fd we hold has no memory effects.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let was = flags & libc::O_NONBLOCK != 0;
+        let new = if nonblocking { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+        if new != flags && libc::fcntl(fd, libc::F_SETFL, new) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(was)
+    }
+}
+
+/// Whether this process may create an io_uring instance. Seccomp profiles (containerd 2.x,
+/// Docker 25+) and `kernel.io_uring_disabled` make `io_uring_setup` fail with EPERM or ENOSYS.
+pub fn io_uring_available() -> Result<(), io::Error> {
+    let mut params = [0u8; 120]; // struct io_uring_params, zeroed
+                                 // SAFETY: io_uring_setup writes at most sizeof(struct io_uring_params) = 120 bytes into params.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned to us and is closed once.
+    unsafe { libc::close(fd as RawFd) };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn sendfile_copies_the_requested_window() {
+        let dir = std::env::temp_dir().join(format!("peerd-sys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::File::create(&path).unwrap().write_all(b"0123456789").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let n = sendfile(server.as_raw_fd(), &file, 3, 4).unwrap();
+        assert_eq!(n, 4);
+        drop(server);
+        let mut got = String::new();
+        (&client).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "3456");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn nonblocking_toggles_and_reports_previous() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = l.as_raw_fd();
+        assert!(!set_nonblocking(fd, true).unwrap());
+        assert!(set_nonblocking(fd, false).unwrap());
+    }
+}
