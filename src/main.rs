@@ -63,9 +63,16 @@ fn print_version() {
 }
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level},libp2p=warn,h2=warn,tower=warn"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    // Our own crate logs at the chosen level; the dependencies' chatter only from warn up.
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("warn,peerd={level}"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,peerd=info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn mirror_config(m: &MirrorArgs) -> hosts_config::MirrorConfig {

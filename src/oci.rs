@@ -246,7 +246,16 @@ pub fn route(method: &str, target: &str) -> Result<Route, OciError> {
         return Ok(Route::ApiVersion);
     }
     let rest = rest.strip_prefix('/').ok_or(OciError::NotFound)?;
-    let registry = query.and_then(|q| query_param(q, "ns")).map(str::to_owned);
+    // containerd escapes the query (`ns=host%3A5000`); the path is compared raw on purpose.
+    let registry = match query.and_then(|q| query_param(q, "ns")) {
+        Some(v) => Some(
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8()
+                .map_err(|_| OciError::BadRequest("ns is not UTF-8"))?
+                .into_owned(),
+        ),
+        None => None,
+    };
     if let Some(reg) = &registry {
         validate_registry_host(reg)?;
     }
@@ -471,6 +480,8 @@ mod tests {
         );
         let r = route("HEAD", "/v2/a/b/manifests/v1.0?ns=198.18.0.2:5000").unwrap();
         assert!(matches!(r, Route::Manifest { reference: Reference::Tag(ref t), .. } if t == "v1.0"));
+        let r = route("HEAD", "/v2/a/b/manifests/v1.0?ns=198.18.0.2%3A5000").unwrap();
+        assert!(matches!(r, Route::Manifest { registry: Some(ref r), .. } if r == "198.18.0.2:5000"));
         assert_eq!(route("GET", "/v2/").unwrap(), Route::ApiVersion);
         assert_eq!(route("GET", "/v2").unwrap(), Route::ApiVersion);
         assert_eq!(route("PUT", "/v2/a/manifests/v1"), Err(OciError::Unsupported));

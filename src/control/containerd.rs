@@ -109,12 +109,14 @@ async fn subscribe(
     changed: &mpsc::Sender<()>,
 ) -> Result<(), ContainerdError> {
     let channel = connect(socket).await?;
-    let mut client = EventsClient::new(channel);
-    let mut stream = client.subscribe(SubscribeRequest { filters }).await?.into_inner();
-    // A rescan right after (re)subscribing covers whatever happened while we were not listening.
+    // A rescan on every (re)connection covers whatever happened while we were not listening. It
+    // must not wait for the subscription: containerd sends the stream's headers only with its
+    // first event.
     if changed.send(()).await.is_err() {
         return Ok(());
     }
+    let mut client = EventsClient::new(channel);
+    let mut stream = client.subscribe(SubscribeRequest { filters }).await?.into_inner();
     while let Some(envelope) = stream.message().await? {
         tracing::debug!(topic = %envelope.topic, "containerd event");
         if changed.send(()).await.is_err() {

@@ -37,6 +37,7 @@ use p2p::{Behaviour, BehaviourEvent};
 const BAD_PEER_PENALTY: Duration = Duration::from_secs(120);
 /// How often the loop checks its peers and redials the bootstrap list when alone.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(3);
+const RESCAN_EVERY: Duration = Duration::from_secs(30);
 
 pub struct ControlConfig {
     pub router_addr: SocketAddr,
@@ -156,6 +157,7 @@ async fn run(
     control.dial_bootstrap().await;
     let mut maintain = tokio::time::interval(MAINTAIN_EVERY);
     let mut scanning = false;
+    let mut last_scan = Instant::now();
     let mut rescan_wanted = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -177,7 +179,15 @@ async fn run(
                     spawn_scan(&cfg.containerd_socket, &cfg.namespace, &cfg.store, scanned_tx.clone());
                 }
             }
-            _ = maintain.tick() => control.maintain().await,
+            _ = maintain.tick() => {
+                control.maintain().await;
+                // A slow safety net under the event stream (content GC emits no image event).
+                if last_scan.elapsed() > RESCAN_EVERY && !scanning {
+                    last_scan = Instant::now();
+                    scanning = true;
+                    spawn_scan(&cfg.containerd_socket, &cfg.namespace, &cfg.store, scanned_tx.clone());
+                }
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
