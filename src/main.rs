@@ -99,6 +99,10 @@ fn configure_containerd(args: ConfigureArgs) -> anyhow::Result<()> {
 fn run(cfg: RunConfig) -> anyhow::Result<()> {
     init_logging(&cfg.log_level);
     let bootstrap = cfg.bootstrap().map_err(anyhow::Error::msg)?;
+    match sys::raise_fd_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
     if cfg.add_mirror_configuration {
         let files = hosts_config::configure(&mirror_config(&cfg.mirror)).context("writing hosts.toml")?;
         tracing::info!(files = files.len(), "containerd mirror configuration written");

@@ -225,7 +225,8 @@ impl Collector for ShardCollector {
                 }
             }
         }
-        let gauges: [(&str, &str, fn(&ShardStats) -> i64); 2] = [
+        type Read = fn(&ShardStats) -> i64;
+        let gauges: [(&str, &str, Read); 2] = [
             ("peerd_shard_connections", "Open client connections, by shard", |s| s.connections.load(Relaxed)),
             ("peerd_shard_queue_depth", "Requests waiting on a peer lookup, by shard", |s| {
                 s.lookups_in_flight.load(Relaxed)

@@ -51,6 +51,63 @@ impl ContentStore {
         file.take(MAX_MANIFEST_BYTES).read_to_end(&mut buf)?;
         Ok(buf)
     }
+
+    /// Hashes a blob whole and compares it with its name. Slow (a full read): done once per
+    /// blob, before it is announced, never on a shard.
+    pub fn verify(&self, digest: &Digest) -> io::Result<bool> {
+        use sha2::Digest as _;
+        let (mut file, _) = self.open(digest)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(Digest::from_sha256(hasher.finalize().into()) == *digest)
+    }
+
+    /// Identifies the file now behind `digest`, so that a verification can be reused until the
+    /// file changes.
+    pub fn stamp(&self, digest: &Digest) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(self.blob_path(digest)).ok()?;
+        Some(FileStamp { ino: m.ino(), len: m.len(), mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec() })
+    }
+}
+
+/// Inode, length and modification time of a blob file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i64,
+}
+
+/// Blobs already hashed and found correct, by the file they were in.
+pub type VerifiedBlobs = HashMap<Digest, FileStamp>;
+
+/// Keeps in `index` only the blobs whose bytes match their digest (hashing each new file once),
+/// and only the tags whose manifest survived. Returns the digests that did not match.
+pub fn keep_verified(store: &ContentStore, index: &mut LocalIndex, verified: &mut VerifiedBlobs) -> Vec<Digest> {
+    let mut bad = Vec::new();
+    let mut still = VerifiedBlobs::new();
+    index.digests.retain(|d| {
+        let Some(stamp) = store.stamp(d) else { return false };
+        if verified.get(d) == Some(&stamp) || matches!(store.verify(d), Ok(true)) {
+            still.insert(d.clone(), stamp);
+            true
+        } else {
+            bad.push(d.clone());
+            false
+        }
+    });
+    *verified = still;
+    let digests = &index.digests;
+    index.tags.retain(|_, t| digests.contains(&t.digest));
+    bad
 }
 
 /// What an image name points to.

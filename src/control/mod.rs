@@ -27,8 +27,9 @@ use tokio::sync::mpsc;
 
 use crate::config::Bootstrap;
 use crate::messages::{ControlReceiver, ControlRequest, Provider};
+use crate::metrics::FromLabels;
 use crate::metrics::Metrics;
-use crate::store::{ContentStore, LocalIndex, SharedIndex};
+use crate::store::{keep_verified, ContentStore, LocalIndex, SharedIndex, VerifiedBlobs};
 use admin::Health;
 use events::{Reason, Reporter};
 use p2p::{Behaviour, BehaviourEvent};
@@ -135,7 +136,7 @@ async fn run(
 
     let (changed_tx, mut changed_rx) = mpsc::channel::<()>(64);
     tokio::spawn(containerd::watch(cfg.containerd_socket.clone(), cfg.namespace.clone(), changed_tx));
-    let (scanned_tx, mut scanned_rx) = mpsc::channel::<Option<LocalIndex>>(4);
+    let (scanned_tx, mut scanned_rx) = mpsc::channel::<ScanResult>(4);
 
     let mut control = Control {
         swarm,
@@ -156,7 +157,13 @@ async fn run(
     control.reporter.report(Reason::Initializing, "peerd is starting");
     control.dial_bootstrap().await;
     let mut maintain = tokio::time::interval(MAINTAIN_EVERY);
-    let mut scanning = false;
+    let mut idle_job = Some(ScanJob {
+        socket: cfg.containerd_socket.clone(),
+        namespace: cfg.namespace.clone(),
+        store: cfg.store.clone(),
+        verified: VerifiedBlobs::new(),
+        metrics: control.metrics.clone(),
+    });
     let mut last_scan = Instant::now();
     let mut rescan_wanted = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -164,28 +171,27 @@ async fn run(
         tokio::select! {
             ev = control.swarm.select_next_some() => control.on_swarm_event(ev),
             req = rx.recv() => control.on_request(req),
-            Some(()) = changed_rx.recv() => {
-                if scanning { rescan_wanted = true; } else {
-                    scanning = true;
-                    spawn_scan(&cfg.containerd_socket, &cfg.namespace, &cfg.store, scanned_tx.clone());
-                }
-            }
-            Some(result) = scanned_rx.recv() => {
-                scanning = false;
+            Some(()) = changed_rx.recv() => match idle_job.take() {
+                Some(job) => spawn_scan(job, scanned_tx.clone()),
+                None => rescan_wanted = true,
+            },
+            Some((result, job)) = scanned_rx.recv() => {
                 control.apply_scan(result);
+                last_scan = Instant::now();
                 if rescan_wanted {
                     rescan_wanted = false;
-                    scanning = true;
-                    spawn_scan(&cfg.containerd_socket, &cfg.namespace, &cfg.store, scanned_tx.clone());
+                    spawn_scan(job, scanned_tx.clone());
+                } else {
+                    idle_job = Some(job);
                 }
             }
             _ = maintain.tick() => {
                 control.maintain().await;
                 // A slow safety net under the event stream (content GC emits no image event).
-                if last_scan.elapsed() > RESCAN_EVERY && !scanning {
-                    last_scan = Instant::now();
-                    scanning = true;
-                    spawn_scan(&cfg.containerd_socket, &cfg.namespace, &cfg.store, scanned_tx.clone());
+                if last_scan.elapsed() > RESCAN_EVERY {
+                    if let Some(job) = idle_job.take() {
+                        spawn_scan(job, scanned_tx.clone());
+                    }
                 }
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -196,24 +202,51 @@ async fn run(
     Ok(())
 }
 
-fn spawn_scan(socket: &std::path::Path, namespace: &str, store: &ContentStore, done: mpsc::Sender<Option<LocalIndex>>) {
-    let (socket, namespace, store) = (socket.to_owned(), namespace.to_owned(), store.clone());
+/// The inputs of a scan, moved into the scanning task and back (one scan runs at a time).
+struct ScanJob {
+    socket: PathBuf,
+    namespace: String,
+    store: ContentStore,
+    verified: VerifiedBlobs,
+    metrics: Metrics,
+}
+
+type ScanResult = (Option<LocalIndex>, ScanJob);
+
+fn spawn_scan(mut job: ScanJob, done: mpsc::Sender<ScanResult>) {
     tokio::spawn(async move {
         // Coalesce a burst of events (a pull emits several) into one scan.
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let result = match containerd::connect(&socket).await {
-            Ok(ch) => containerd::scan(&ch, &namespace, &store).await,
+        let result = match containerd::connect(&job.socket).await {
+            Ok(ch) => containerd::scan(&ch, &job.namespace, &job.store).await,
             Err(e) => Err(e),
         };
-        let _ = done
-            .send(match result {
-                Ok(index) => Some(index),
-                Err(e) => {
-                    tracing::warn!(error = %e, "scanning containerd failed");
-                    None
+        let index = match result {
+            Ok(mut index) => {
+                // Hash new blobs off the runtime: a corrupt blob is never announced.
+                let verified = tokio::task::spawn_blocking(move || {
+                    let bad = keep_verified(&job.store, &mut index, &mut job.verified);
+                    (index, job, bad)
+                })
+                .await;
+                match verified {
+                    Ok((index, j, bad)) => {
+                        job = j;
+                        for d in bad {
+                            tracing::warn!(digest = %d, "blob in the content store does not match its digest; not announced");
+                            job.metrics.digest_mismatch.get_or_create(&FromLabels { from: "local" }).inc();
+                        }
+                        Some(index)
+                    }
+                    Err(_) => return,
                 }
-            })
-            .await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "scanning containerd failed");
+                None
+            }
+        };
+        let _ = done.send((index, job)).await;
     });
 }
 

@@ -113,11 +113,7 @@ async fn request_inner(
                 .and_then(|h| std::str::from_utf8(h.value).ok())
                 .map(str::to_owned)
         };
-        let ok = match (range_from, status) {
-            (None, 200) | (Some(_), 206) => true,
-            (Some(0), 200) => true,
-            _ => false,
-        };
+        let ok = matches!((range_from, status), (None | Some(0), 200) | (Some(_), 206));
         if !ok {
             return Err(FetchError::Status(addr, status));
         }
