@@ -3,15 +3,6 @@
 //! `main` wires the rooms together: config → control thread (libp2p, containerd, metrics port)
 //! → data-plane shards. Everything below returns typed errors; `anyhow` lives only here.
 
-mod config;
-mod control;
-mod dataplane;
-mod hosts_config;
-mod messages;
-mod metrics;
-mod oci;
-mod store;
-mod sys;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +12,8 @@ use arc_swap::ArcSwap;
 use clap::Parser;
 use prometheus_client::registry::Registry;
 
-use config::{Cli, Command, ConfigureArgs, MirrorArgs, RunConfig};
+use peerd::config::{self, Cli, Command, ConfigureArgs, MirrorArgs, RunConfig};
+use peerd::{control, dataplane, hosts_config, messages, metrics, store, sys};
 
 const GIT_REVISION: &str = match option_env!("PEERD_GIT_REVISION") {
     Some(r) => r,

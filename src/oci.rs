@@ -533,3 +533,90 @@ mod tests {
         assert!(ManifestDoc::parse(b"not json").is_none());
     }
 }
+
+/// A deterministic, always-run slice of what `fuzz/` does with libFuzzer: mutated pull requests
+/// must never panic, and whatever is accepted must satisfy the invariants the server relies on.
+#[cfg(test)]
+mod mutation_tests {
+    use super::*;
+
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    const SEEDS: &[&str] = &[
+        "/v2/library/nginx/blobs/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef?ns=docker.io",
+        "/v2/a/b/manifests/v1.0?ns=198.18.0.2%3A5000",
+        "/v2/a/manifests/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "/blobs/https://r.example/v2/x/blobs/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "/v2/",
+    ];
+    const ALPHABET: &[u8] = b"/.:-_%?&=abcdefABC0129 \x00\xff";
+
+    fn mutate(rng: &mut XorShift, s: &str) -> String {
+        let mut b = s.as_bytes().to_vec();
+        for _ in 0..=rng.below(4) {
+            let pos = rng.below(b.len() + 1);
+            match rng.below(3) {
+                0 if pos < b.len() => {
+                    b.remove(pos);
+                }
+                1 => b.insert(pos, ALPHABET[rng.below(ALPHABET.len())]),
+                _ if pos < b.len() => b[pos] = ALPHABET[rng.below(ALPHABET.len())],
+                _ => {}
+            }
+        }
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    #[test]
+    fn mutated_targets_never_escape_the_grammar() {
+        let mut rng = XorShift(0x9e3779b97f4a7c15);
+        for i in 0..50_000 {
+            let target = mutate(&mut rng, SEEDS[i % SEEDS.len()]);
+            match route("GET", &target) {
+                Ok(Route::Blob { name, .. } | Route::Manifest { name, .. }) => {
+                    assert!(validate_name(&name).is_ok(), "{target}");
+                    assert!(!name.contains(".."), "{target}");
+                }
+                Ok(Route::StreamBlob { digest, .. }) => assert_eq!(digest.hex().len(), 64),
+                Ok(Route::ApiVersion) | Err(_) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_ranges_stay_inside_the_blob() {
+        let mut rng = XorShift(0x2545f4914f6cdd1d);
+        let seeds = ["bytes=0-9", "bytes=10-", "bytes=-5", "bytes=5-2", "bytes=0-0,2-3"];
+        for i in 0..50_000 {
+            let h = mutate(&mut rng, seeds[i % seeds.len()]);
+            let size = rng.below(200) as u64;
+            if let Ok(Some(r)) = parse_range(Some(&h), size) {
+                assert!(r.start <= r.end && r.end < size, "{h} {size} {r:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_heads_never_panic() {
+        let mut rng = XorShift(0xdeadbeefcafef00d);
+        let seed = "GET /v2/a/blobs/sha256:00 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\n\r\n";
+        for _ in 0..50_000 {
+            let raw = mutate(&mut rng, seed);
+            if let Ok(Some((req, used))) = crate::dataplane::http::parse_head(raw.as_bytes()) {
+                assert!(used <= raw.len());
+                let _ = route(&req.method_name, &req.target);
+            }
+        }
+    }
+}
