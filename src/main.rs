@@ -3,7 +3,6 @@
 //! `main` wires the rooms together: config → control thread (libp2p, containerd, metrics port)
 //! → data-plane shards. Everything below returns typed errors; `anyhow` lives only here.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -26,6 +26,17 @@ pub fn will_need(file: &impl AsRawFd, offset: u64, len: u64) {
     }
 }
 
+/// Whether the byte at `offset` is in the page cache: a 1-byte `preadv2(RWF_NOWAIT)` fails with
+/// EAGAIN instead of going to the disk. Errors other than EAGAIN count as cached, so that the
+/// caller goes on and meets the real error where it can report it.
+pub fn is_cached(file: &impl AsRawFd, offset: u64) -> bool {
+    let mut byte = 0u8;
+    let iov = libc::iovec { iov_base: (&mut byte as *mut u8).cast(), iov_len: 1 };
+    // SAFETY: one iovec pointing at a live, exclusively borrowed byte.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+    n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
+}
+
 /// Sets or clears `O_NONBLOCK`, returning the previous setting. io_uring keeps sockets blocking,
 /// but `sendfile` must never block a shard, so the socket is switched around each body.
 pub fn set_nonblocking(fd: RawFd, nonblocking: bool) -> io::Result<bool> {
@@ -99,6 +110,16 @@ mod tests {
         (&client).read_to_string(&mut got).unwrap();
         assert_eq!(got, "3456");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn cached_pages_are_reported_cached() {
+        let path = std::env::temp_dir().join(format!("peerd-cached-{}", std::process::id()));
+        std::fs::write(&path, b"hello").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // Just written, so in the page cache.
+        assert!(is_cached(&file, 0));
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

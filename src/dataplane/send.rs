@@ -14,6 +14,10 @@ use crate::sys;
 
 /// Bytes per `sendfile` call; also the readahead window.
 const CHUNK: u64 = 2 << 20;
+/// How long to wait between checks for a cold chunk to arrive in the page cache, and how many
+/// checks before sending anyway (a disk slower than that would stall either way).
+const COLD_WAIT: std::time::Duration = std::time::Duration::from_micros(500);
+const COLD_WAIT_LIMIT: u32 = 2000;
 /// A shard yields to its other connections after this many bytes of one body.
 const YIELD_EVERY: u64 = 16 << 20;
 
@@ -38,6 +42,16 @@ pub async fn send_file(stream: &TcpStream, file: &File, offset: u64, len: u64) -
             readahead_until = pos + CHUNK;
         }
         let want = (len - sent).min(CHUNK) as usize;
+        // sendfile on pages that are not cached would block the whole shard on the disk: wait
+        // (yielding to the other connections) until readahead has brought the chunk in.
+        let mut waits = 0;
+        while waits < COLD_WAIT_LIMIT && !sys::is_cached(file, pos + want as u64 - 1) {
+            if waits == 0 {
+                sys::will_need(file, pos, CHUNK * 2);
+            }
+            waits += 1;
+            monoio::time::sleep(COLD_WAIT).await;
+        }
         match sys::sendfile(fd, file, pos, want) {
             Ok(0) => break Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shrank while being sent")),
             Ok(n) => {
