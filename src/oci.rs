@@ -329,8 +329,13 @@ pub struct ByteRange {
 }
 
 impl ByteRange {
+    /// Bytes in the range; never zero, since both ends are inclusive.
     pub fn len(&self) -> u64 {
         self.end - self.start + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
     }
 }
 
