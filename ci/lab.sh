@@ -554,8 +554,14 @@ cmd_start_peerd() {
     for ((j = 1; j <= n; j++)); do
         ((j == i)) || peers+=("$(node_ip "$j"):5003")
     done
-    local bootstrap
+    local bootstrap arg
+    local -a bootstrap_flag
     bootstrap=$(IFS=,; printf '%s' "${peers[*]}")
+    bootstrap_flag=(--bootstrap "static:$bootstrap")
+    # An explicit --bootstrap among the extra flags replaces the lab's static list.
+    for arg in "$@"; do
+        [[ $arg == --bootstrap || $arg == --bootstrap=* ]] && bootstrap_flag=()
+    done
     mkdir -p "$d/peerd"
     [[ -f $d/peerd.log ]] && mv -f "$d/peerd.log" "$d/peerd.log.prev"
     t0=$(now)
@@ -569,7 +575,7 @@ cmd_start_peerd() {
         --containerd-namespace "$K8S_NS" \
         --hosts "http://$REG_ADDR" \
         --data-dir "$d/peerd" \
-        --bootstrap "static:$bootstrap" \
+        "${bootstrap_flag[@]}" \
         "$@"
     pid=$(cat "$r/peerd.pid")
     deadline=$(($(date +%s) + 20))

@@ -157,6 +157,14 @@ impl Metrics {
         registry.register("peerd_advertised_keys", "Keys this node announces in the DHT", m.advertised_keys.clone());
         registry.register("peerd_peers", "Connected peers", m.peers.clone());
         registry.register_collector(Box::new(ShardCollector { shards }));
+        // Counters that alerts watch exist at zero from the start, so that the first event is an
+        // increase and not a new series.
+        for from in ["peer", "upstream"] {
+            let _ = m.bytes_fetched.get_or_create(&FromLabels { from });
+        }
+        for from in ["peer", "upstream", "local"] {
+            let _ = m.digest_mismatch.get_or_create(&FromLabels { from });
+        }
         m
     }
 

@@ -1,6 +1,7 @@
 //! The node's lifecycle events (SPEC: `P2PInitializing`, `P2PConnected`, `P2PActive`,
 //! `P2PDisconnected`, `P2PFailed`), rate-limited per reason so that a busy node cannot flood
-//! whoever listens. Today they go to the log; the Kubernetes recorder plugs in here.
+//! the API server. They go to the log and, in a pod, to the pod's events (`kube.rs`) through a
+//! bounded queue that drops rather than wait.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -33,6 +34,7 @@ impl Reason {
     fn min_interval(self) -> Duration {
         match self {
             Reason::Active | Reason::Failed => Duration::from_secs(30),
+            Reason::Connected | Reason::Disconnected => Duration::from_secs(5),
             _ => Duration::ZERO,
         }
     }
@@ -42,9 +44,14 @@ impl Reason {
 pub struct Reporter {
     last: HashMap<Reason, Instant>,
     suppressed: HashMap<Reason, u64>,
+    sink: Option<tokio::sync::mpsc::Sender<(Reason, String)>>,
 }
 
 impl Reporter {
+    pub fn with_sink(sink: tokio::sync::mpsc::Sender<(Reason, String)>) -> Self {
+        Self { sink: Some(sink), ..Self::default() }
+    }
+
     /// Reports an event unless one of the same reason went out too recently.
     pub fn report(&mut self, reason: Reason, message: &str) {
         let now = Instant::now();
@@ -60,6 +67,10 @@ impl Reporter {
             tracing::warn!(event = reason.as_str(), suppressed = also, "{message}");
         } else {
             tracing::info!(event = reason.as_str(), suppressed = also, "{message}");
+        }
+        if let Some(sink) = &self.sink {
+            // Full means the API server is slow: drop, never wait.
+            let _ = sink.try_send((reason, message.to_owned()));
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod containerd;
 pub mod events;
+pub mod kube;
 pub mod p2p;
 
 use std::collections::{HashMap, HashSet};
@@ -102,6 +103,9 @@ struct Control {
     bad_peers: HashMap<PeerId, Instant>,
     advertised: HashSet<String>,
     ever_connected: bool,
+    /// The peerd pods the API server last listed (`--bootstrap kubernetes`).
+    pod_ips: Vec<IpAddr>,
+    router_port: u16,
 }
 
 async fn run(
@@ -138,13 +142,31 @@ async fn run(
     tokio::spawn(containerd::watch(cfg.containerd_socket.clone(), cfg.namespace.clone(), changed_tx));
     let (scanned_tx, mut scanned_rx) = mpsc::channel::<ScanResult>(4);
 
+    // In a pod: events on the pod object, and (with --bootstrap kubernetes) peers from the API.
+    let (peer_ips_tx, mut peer_ips_rx) = mpsc::channel::<Vec<IpAddr>>(8);
+    let reporter = match kube::PodIdentity::from_env() {
+        Some(pod) => {
+            let (events_tx, events_rx) = mpsc::channel(64);
+            let peers = (cfg.bootstrap == Bootstrap::Kubernetes).then_some(peer_ips_tx);
+            tokio::spawn(kube::run(pod, events_rx, peers));
+            Reporter::with_sink(events_tx)
+        }
+        None => {
+            if cfg.bootstrap == Bootstrap::Kubernetes {
+                tracing::warn!("--bootstrap kubernetes needs POD_NAME and POD_NAMESPACE; no peers will be found");
+            }
+            Reporter::default()
+        }
+    };
+    let router_port = cfg.router_addr.port();
+
     let mut control = Control {
         swarm,
         p2p_metrics,
         metrics,
         index,
         health,
-        reporter: Reporter::default(),
+        reporter,
         bootstrap: cfg.bootstrap,
         http_port: cfg.http_port,
         peers: HashMap::new(),
@@ -153,6 +175,8 @@ async fn run(
         bad_peers: HashMap::new(),
         advertised: HashSet::new(),
         ever_connected: false,
+        pod_ips: Vec::new(),
+        router_port,
     };
     control.reporter.report(Reason::Initializing, "peerd is starting");
     control.dial_bootstrap().await;
@@ -194,6 +218,7 @@ async fn run(
                     }
                 }
             }
+            Some(ips) = peer_ips_rx.recv() => control.dial_pods(ips, router_port),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -437,9 +462,38 @@ impl Control {
         }
     }
 
+    /// `--bootstrap kubernetes`: dial a few of the peerd pods we are not connected to yet. A few
+    /// are enough to join the DHT; Kademlia finds the rest, and no pod is special.
+    fn dial_pods(&mut self, ips: Vec<IpAddr>, port: u16) {
+        const DIAL_AT_MOST: usize = 5;
+        let connected: HashSet<IpAddr> =
+            self.peers.values().filter(|p| p.connections > 0).filter_map(|p| p.ip).collect();
+        if connected.len() >= DIAL_AT_MOST {
+            self.pod_ips = ips;
+            return;
+        }
+        // Start at a different place on each node so that not every node dials the same pods.
+        let offset = self.swarm.local_peer_id().to_bytes().last().copied().unwrap_or(0) as usize;
+        let candidates: Vec<&IpAddr> = ips.iter().filter(|ip| !connected.contains(ip)).collect();
+        for i in 0..candidates.len().min(DIAL_AT_MOST - connected.len()) {
+            let ip = candidates[(offset + i) % candidates.len()];
+            if let Some(addr) = p2p::bootstrap_addr(&SocketAddr::new(*ip, port).to_string()) {
+                let _ = self.swarm.dial(addr);
+            }
+        }
+        self.pod_ips = ips;
+    }
+
     async fn dial_bootstrap(&mut self) {
         let addrs: Vec<Multiaddr> = match &self.bootstrap {
-            Bootstrap::None | Bootstrap::Kubernetes => Vec::new(),
+            Bootstrap::None => Vec::new(),
+            Bootstrap::Kubernetes => {
+                let port = self.router_port;
+                self.pod_ips
+                    .iter()
+                    .filter_map(|ip| p2p::bootstrap_addr(&SocketAddr::new(*ip, port).to_string()))
+                    .collect()
+            }
             Bootstrap::Static(list) => list.iter().filter_map(|e| p2p::bootstrap_addr(e)).collect(),
             Bootstrap::Dns { name, port } => match tokio::net::lookup_host((name.as_str(), *port)).await {
                 Ok(it) => it.filter_map(|sa| p2p::bootstrap_addr(&sa.to_string())).collect(),

@@ -89,13 +89,14 @@ async fn request_inner(
     res.map_err(|e| FetchError::Io(addr, e))?;
 
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut chunk: Vec<u8> = Vec::with_capacity(16 * 1024);
     loop {
-        buf.reserve(8 * 1024);
-        let (res, b) = stream.read(buf).await;
-        buf = b;
+        // monoio fills an owned Vec from its start: read into a chunk and append.
+        let (res, c) = stream.read(chunk).await;
+        chunk = c;
         match res {
             Ok(0) => return Err(FetchError::Protocol(addr, "closed before the response head")),
-            Ok(_) => {}
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) => return Err(FetchError::Io(addr, e)),
         }
         let mut headers = [httparse::EMPTY_HEADER; 32];

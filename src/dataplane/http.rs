@@ -77,17 +77,19 @@ pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<R
             }
         }
         let timeout = if started { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
-        let mut chunk = std::mem::take(buf);
-        chunk.reserve(8192);
-        let read = monoio::time::timeout(timeout, stream.read(chunk)).await;
+        // monoio fills an owned Vec from its start, so each read goes into a fresh chunk that is
+        // appended: a head may arrive in any number of pieces.
+        let read = monoio::time::timeout(timeout, stream.read(Vec::with_capacity(8192))).await;
         let (res, chunk) = match read {
             Ok(r) => r,
             Err(_) => return Err(ReadError::Closed),
         };
-        *buf = chunk;
         match res {
             Ok(0) | Err(_) => return Err(ReadError::Closed),
-            Ok(_) => started = true,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                started = true;
+            }
         }
     }
 }
