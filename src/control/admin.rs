@@ -1,4 +1,4 @@
-//! The metrics port: `/metrics/prometheus`, `/healthz`, `/readyz`. Runs on the control thread's
+//! The metrics port: `/metrics/prometheus`, `/healthz`, `/readyz`, `/dashboard`. Runs on the control thread's
 //! runtime; a scrape never touches a shard.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -8,6 +8,10 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// The live throughput page: one self-contained file (no internet at run time) that polls
+/// `/metrics/prometheus` and draws per-core throughput.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// What `/readyz` reports on, written by the control loop.
 #[derive(Debug, Default)]
@@ -62,6 +66,7 @@ async fn answer(mut stream: TcpStream, registry: &Registry, health: &Health) -> 
             respond(&mut stream, 200, "application/openmetrics-text; version=1.0.0; charset=utf-8", &body).await
         }
         "/healthz" => respond(&mut stream, 200, "text/plain", "ok\n").await,
+        "/dashboard" | "/dashboard/" => respond(&mut stream, 200, "text/html; charset=utf-8", DASHBOARD).await,
         "/readyz" => {
             if health.ready() {
                 respond(&mut stream, 200, "text/plain", "ready\n").await
