@@ -20,6 +20,9 @@ have bc || need+=(bc)
 have wrk || need+=(wrk)
 have flock || need+=(util-linux)
 have python3 || need+=(python3)
+have chromium || need+=(chromium)
+have shellcheck || need+=(shellcheck)
+have openssl || need+=(openssl)
 if [[ ${#need[@]} -gt 0 ]]; then
     echo "installing: ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -65,8 +65,10 @@ impl ShardStats {
     pub fn connection_closed(&self) {
         self.connections.fetch_sub(1, Relaxed);
     }
-    pub fn busy(&self, nanos: u64) {
-        self.busy_nanos.fetch_add(nanos, Relaxed);
+    /// Records the CPU time the shard's thread has used so far (it is busy exactly when it uses
+    /// CPU; waiting in the event loop costs none).
+    pub fn set_busy(&self, cpu: std::time::Duration) {
+        self.busy_nanos.store(cpu.as_nanos() as u64, Relaxed);
     }
     pub fn lookup_started(&self) {
         self.lookups_in_flight.fetch_add(1, Relaxed);
@@ -248,7 +250,7 @@ impl Collector for ShardCollector {
         }
         let mut e = encoder.encode_descriptor(
             "peerd_shard_busy_seconds",
-            "Time each shard spent handling requests",
+            "CPU time each shard's thread has used",
             None,
             MetricType::Counter,
         )?;

@@ -55,6 +55,14 @@ pub fn set_nonblocking(fd: RawFd, nonblocking: bool) -> io::Result<bool> {
     }
 }
 
+/// CPU time used by the calling thread so far.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Whether this process may create an io_uring instance. Seccomp profiles (containerd 2.x,
 /// Docker 25+) and `kernel.io_uring_disabled` make `io_uring_setup` fail with EPERM or ENOSYS.
 pub fn io_uring_available() -> Result<(), io::Error> {

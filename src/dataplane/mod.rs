@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use prometheus_client::metrics::histogram::Histogram;
@@ -209,10 +209,9 @@ async fn serve_connection(shard: &Rc<Shard>, mut stream: TcpStream) {
             Ok(r) => r,
             Err(http::ReadError::Closed) => return,
             Err(http::ReadError::Bad(e)) => {
-                let t = Instant::now();
                 let _ = http::write_all(&mut stream, http::error_response(&e, http::Method::Get, true)).await;
                 shard.stats().request(crate::metrics::Handler::Oci, e.status());
-                shard.stats().busy(t.elapsed().as_nanos() as u64);
+                shard.stats().set_busy(crate::sys::thread_cpu_time());
                 return;
             }
         };

@@ -68,6 +68,7 @@ pub async fn handle(shard: &Rc<Shard>, stream: &mut TcpStream, req: &Request) ->
     };
     let elapsed = started.elapsed();
     let stats = shard.stats();
+    stats.set_busy(crate::sys::thread_cpu_time());
     stats.request(outcome.handler, outcome.status);
     shard.observe_duration(
         RequestLabels {
@@ -124,9 +125,7 @@ async fn serve_blob(
             if req.method == Method::Head || len == 0 {
                 return Outcome::ok(status, handler);
             }
-            let t = Instant::now();
             let (sent, res) = send::send_file(stream, &file, window.start, len).await;
-            shard.stats().busy(t.elapsed().as_nanos() as u64 / 8);
             shard.stats().served(Source::Local, sent);
             Outcome { status, handler, broken: res.is_err() }
         }
