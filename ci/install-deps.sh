@@ -23,6 +23,7 @@ have python3 || need+=(python3)
 have chromium || need+=(chromium)
 have shellcheck || need+=(shellcheck)
 have openssl || need+=(openssl)
+have prometheus || need+=(prometheus)
 if [[ ${#need[@]} -gt 0 ]]; then
     echo "installing: ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -11,10 +11,13 @@ containerised peerd and pull it from there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import struct
 import subprocess
+import tarfile
 import uuid
 from pathlib import Path
 
@@ -36,28 +39,70 @@ def ctr(*args, timeout=120, check=True):
                timeout=timeout, check=check)
 
 
-@pytest.fixture
-def image(env):
-    """ci/build-image.sh on the session's peerd binary: `cargo` is stubbed (the binary is already
-    built; a rebuild in the shared target dir would also take minutes), the rest of the script is
-    what runs. Set PEERD_K8S_IMAGE_CARGO=1 to let it build for real."""
-    out = env.tmp / "image"
-    shutil.rmtree(out, ignore_errors=True)
+@pytest.fixture(scope="module")
+def image(k8s_peerd_bin, tmp_path_factory):
+    """ci/build-image.sh on a copy of the peerd binary: `cargo` is stubbed (the binary is already
+    built, and a rebuild in the shared target dir would take minutes), the rest of the script is
+    what runs. PEERD_K8S_IMAGE_CARGO=1 lets it build for real."""
+    tmp = tmp_path_factory.mktemp("image")
     e = dict(os.environ)
     if os.environ.get("PEERD_K8S_IMAGE_CARGO") != "1":
-        target = env.tmp / "target"
-        (target / "release").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(env.peerd_bin, target / "release" / "peerd")
-        shim = env.tmp / "shim"
-        shim.mkdir(exist_ok=True)
+        target = tmp / "target"
+        (target / "release").mkdir(parents=True)
+        shutil.copy2(k8s_peerd_bin, target / "release" / "peerd")
+        shim = tmp / "shim"
+        shim.mkdir()
         (shim / "cargo").write_text("#!/bin/sh\nexit 0\n")
         (shim / "cargo").chmod(0o755)
         e["PATH"] = f"{shim}:{e['PATH']}"
         e["CARGO_TARGET_DIR"] = str(target)
-    res = run(["bash", BUILD_IMAGE, out], env=e, timeout=1800)
+    res = run(["bash", BUILD_IMAGE, tmp / "out"], env=e, timeout=1800)
     got = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
     assert Path(got["archive"]).is_file() and got["ref"], res.stdout
+    got["binary"] = str(Path(e.get("CARGO_TARGET_DIR", "/root/.cache/peerd/target")) / "release" / "peerd")
     return got
+
+
+def _interpreter(binary: str) -> str | None:
+    """The ELF program interpreter (PT_INTERP) of a dynamically linked binary."""
+    with open(binary, "rb") as f:
+        head = f.read(64)
+        assert head[:4] == b"\x7fELF" and head[4] == 2, "not a 64-bit ELF"
+        phoff, = struct.unpack_from("<Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+        for k in range(phnum):
+            f.seek(phoff + k * phentsize)
+            ptype, = struct.unpack("<I", f.read(4))
+            if ptype == 3:  # PT_INTERP
+                f.seek(phoff + k * phentsize + 8)
+                offset, = struct.unpack("<Q", f.read(8))
+                f.seek(phoff + k * phentsize + 32)
+                size, = struct.unpack("<Q", f.read(8))
+                f.seek(offset)
+                return f.read(size).rstrip(b"\0").decode()
+    return None
+
+
+@pytest.mark.xfail(strict=True, reason="bug: ci/build-image.sh leaves out the ELF interpreter "
+                   "/lib64/ld-linux-x86-64.so.2 (its awk pattern uses \\s, which mawk does not know), "
+                   "so the image cannot exec /peerd")
+def test_image_has_the_binary_and_what_it_loads(image):
+    layout = Path(image["layout"])
+    index = json.loads((layout / "index.json").read_text())
+    names = [m.get("annotations", {}).get("org.opencontainers.image.ref.name") for m in index["manifests"]]
+    assert image["ref"] in names, names
+    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    config = json.loads((layout / "blobs" / "sha256" / manifest["config"]["digest"].split(":")[1]).read_text())
+    cmd = (config["config"].get("Entrypoint") or []) + (config["config"].get("Cmd") or [])
+    assert cmd == ["/peerd", "run"], config["config"]
+    files = set()
+    for layer in manifest["layers"]:
+        with tarfile.open(layout / "blobs" / "sha256" / layer["digest"].split(":")[1]) as t:
+            files |= {"/" + n.lstrip("./") for n in t.getnames()}
+    libs = re.findall(r"=> (/\S+)", run(["ldd", image["binary"]], timeout=30).stdout)
+    interp = _interpreter(image["binary"])
+    want = {"/peerd", *libs} | ({interp} if interp else set())
+    assert want <= files, f"missing from the image: {sorted(want - files)}"
 
 
 def _cgroups_for_runc():
@@ -89,6 +134,8 @@ def _sa_token_dir(cluster, ns: str, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.xfail(strict=True, reason="bug: ci/build-image.sh leaves out the ELF interpreter, "
+                   "so the container dies with 'exec /peerd: no such file or directory'")
 def test_image_serves_peers_as_the_daemonset_runs_it(env, image):
     lab, cluster = env.lab, env.cluster
     ns = cluster.namespace("peerd-image")
