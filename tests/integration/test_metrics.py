@@ -77,3 +77,21 @@ def test_alerting_counters_exist_before_their_first_event(lab):
         if _type_of(types, n, "counter") != "counter" or not any(l.startswith(n + "{") for l in text.splitlines())
     ]
     assert not missing, f"absent from a fresh node's scrape until their first increment: {missing}"
+
+
+def test_libp2p_metrics_share_the_endpoint(lab):
+    """libp2p's own metrics (connections, Kademlia queries, identify) are on the same scrape."""
+    text, types = _types(1)
+    libp2p = {name for name in types if name.startswith("libp2p_")}
+    assert any(n.startswith("libp2p_swarm_") for n in libp2p), sorted(libp2p)
+    assert any(n.startswith("libp2p_kad_") for n in libp2p), sorted(libp2p)
+    assert any(n.startswith("libp2p_identify_") for n in libp2p), sorted(libp2p)
+
+
+def test_per_core_series_exist_for_every_shard(lab):
+    """Every shard reports its own bytes, connections, queue depth and busy time."""
+    m = metrics(1)
+    shards = {labels["shard"] for labels, _ in m.select("peerd_shard_connections")}
+    assert shards, "no per-shard connection gauge"
+    for name in ("peerd_shard_queue_depth", "peerd_shard_busy_seconds_total", "peerd_bytes_served_total"):
+        assert {labels["shard"] for labels, _ in m.select(name)} == shards, name
