@@ -102,7 +102,6 @@ struct Control {
     lookup_by_key: HashMap<String, QueryId>,
     bad_peers: HashMap<PeerId, Instant>,
     advertised: HashSet<String>,
-    ever_connected: bool,
     /// The peerd pods the API server last listed (`--bootstrap kubernetes`).
     pod_ips: Vec<IpAddr>,
     router_port: u16,
@@ -174,7 +173,6 @@ async fn run(
         lookup_by_key: HashMap::new(),
         bad_peers: HashMap::new(),
         advertised: HashSet::new(),
-        ever_connected: false,
         pod_ips: Vec::new(),
         router_port,
     };
@@ -415,7 +413,6 @@ impl Control {
         let before = self.health.peers.swap(n, Ordering::Relaxed);
         self.metrics.peers.set(n as i64);
         if before == 0 && n > 0 {
-            self.ever_connected = true;
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
             self.reporter.report(Reason::Connected, &format!("joined the p2p network ({n} peers)"));
             self.republish_all();

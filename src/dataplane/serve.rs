@@ -187,10 +187,8 @@ async fn serve_blob_from_peers(
         return Outcome::ok(status, handler);
     }
     let window = range.unwrap_or(ByteRange { start: 0, end: size - 1 });
-    shard.stats().lookup_started();
     let outcome =
         fetch::relay_blob(stream, resp, idx, &providers, target, digest, size, window, shard.cfg.hedge_delay).await;
-    shard.stats().lookup_finished();
     match outcome {
         RelayOutcome::Complete { from_peers, elapsed } => {
             shard.stats().served(Source::Peer, window.len());
