@@ -55,6 +55,27 @@ pub fn set_nonblocking(fd: RawFd, nonblocking: bool) -> io::Result<bool> {
     }
 }
 
+/// Sets `TCP_CORK`: while set, the kernel holds partial frames, so that a response head written
+/// before a `sendfile` body leaves in the same packets as the body instead of on its own.
+pub fn set_cork(socket: RawFd, on: bool) -> io::Result<()> {
+    let v: libc::c_int = on.into();
+    // SAFETY: setsockopt reads one c_int we own for the length we pass.
+    let r = unsafe {
+        libc::setsockopt(
+            socket,
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// CPU time used by the calling thread so far.
 pub fn thread_cpu_time() -> std::time::Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -30,27 +30,28 @@ pub async fn send_file(stream: &TcpStream, file: &File, offset: u64, len: u64) -
     };
     let mut sent = 0u64;
     let mut since_yield = 0u64;
-    let mut readahead_until = offset;
+    let mut checked_until = offset;
     let res = loop {
         if sent == len {
             break Ok(());
         }
         let pos = offset + sent;
-        if pos >= readahead_until {
-            // Keep the page cache one window ahead: sendfile on a cold page blocks the thread.
-            sys::will_need(file, pos, CHUNK * 2);
-            readahead_until = pos + CHUNK;
-        }
         let want = (len - sent).min(CHUNK) as usize;
-        // sendfile on pages that are not cached would block the whole shard on the disk: wait
-        // (yielding to the other connections) until readahead has brought the chunk in.
-        let mut waits = 0;
-        while waits < COLD_WAIT_LIMIT && !sys::is_cached(file, pos + want as u64 - 1) {
-            if waits == 0 {
-                sys::will_need(file, pos, CHUNK * 2);
+        if pos >= checked_until {
+            // Keep the page cache one chunk ahead, but only ask for it when it is missing: on a
+            // warm cache the check is one cheap syscall, while readahead would walk the pages.
+            let next_last = (pos + 2 * CHUNK).min(offset + len) - 1;
+            if !sys::is_cached(file, next_last) {
+                sys::will_need(file, pos, 2 * CHUNK);
             }
-            waits += 1;
-            monoio::time::sleep(COLD_WAIT).await;
+            // sendfile on pages that are not cached would block the whole shard on the disk:
+            // wait (yielding to the other connections) until readahead has brought them in.
+            let mut waits = 0;
+            while waits < COLD_WAIT_LIMIT && !sys::is_cached(file, pos + want as u64 - 1) {
+                waits += 1;
+                monoio::time::sleep(COLD_WAIT).await;
+            }
+            checked_until = pos + want as u64;
         }
         match sys::sendfile(fd, file, pos, want) {
             Ok(0) => break Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shrank while being sent")),

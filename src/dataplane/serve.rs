@@ -2,6 +2,7 @@
 //! containerd to its next host. Data flows one way: parse → local store → lookup → fetch →
 //! verify → respond.
 
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -119,13 +120,19 @@ async fn serve_blob(
             let len = if size == 0 { 0 } else { window.len() };
             let out = blob_head(digest, size, range, req.close);
             let status = if range.is_some() { 206 } else { 200 };
+            let with_body = req.method != Method::Head && len > 0;
+            // The head waits in the socket for the first body bytes: one packet, not two.
+            let cork = with_body && crate::sys::set_cork(stream.as_raw_fd(), true).is_ok();
             if http::write_all(stream, out).await.is_err() {
                 return Outcome { status, handler, broken: true };
             }
-            if req.method == Method::Head || len == 0 {
+            if !with_body {
                 return Outcome::ok(status, handler);
             }
             let (sent, res) = send::send_file(stream, &file, window.start, len).await;
+            if cork {
+                let _ = crate::sys::set_cork(stream.as_raw_fd(), false);
+            }
             shard.stats().served(Source::Local, sent);
             Outcome { status, handler, broken: res.is_err() }
         }
