@@ -20,7 +20,7 @@ root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 install -D -m 0755 "$bin" "$root/peerd"
 # The dynamic loader and every library the binary needs, at the paths it looks for them.
-ldd "$bin" | awk '/=> \// { print $3 } /^\s*\/.*ld-linux/ { print $1 }' | sort -u | while read -r lib; do
+ldd "$bin" | awk '/=> \// { print $3 } /^[[:space:]]*\/.*ld-linux/ { print $1 }' | sort -u | while read -r lib; do
     install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
 done
 mkdir -p "$root/tmp" "$root/etc"

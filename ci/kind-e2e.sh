@@ -27,6 +27,7 @@
 #   LOAD_IMAGE       image the Jobs pull                      (docker.io/library/nginx:1.27)
 #   LOAD_CMD         command of the Jobs' container (JSON)    (["sh","-c","exit 0"])
 #   TIMEOUT          seconds for each wait                    (300)
+#   ANNOUNCE_WAIT    seconds between the first pull and the others (5)
 #   CONTAINERD_PATCH=1  patch config_path into containerd's config (kind < v0.21)
 #   KEEP=1           keep the cluster at the end
 # Needs: docker, kind, kubectl, helm, python3.
@@ -40,6 +41,7 @@ IMAGE=${IMAGE:-localhost/peerd:e2e}
 LOAD_IMAGE=${LOAD_IMAGE:-docker.io/library/nginx:1.27}
 LOAD_CMD=${LOAD_CMD:-'["sh","-c","exit 0"]'}
 TIMEOUT=${TIMEOUT:-300}
+ANNOUNCE_WAIT=${ANNOUNCE_WAIT:-5}
 KEEP=${KEEP:-0}
 PEERD_NS=peerd-ns
 CONTEXT=kind-$CLUSTER
@@ -173,19 +175,32 @@ spec:
 EOF
 }
 
+wait_job() { # wait_job NAME: until the Job succeeded; dies with its logs if it failed
+    local deadline=$((SECONDS + TIMEOUT)) state
+    while ((SECONDS < deadline)); do
+        state=$(kc get job "$1" -o jsonpath='{.status.succeeded}/{.status.failed}')
+        [[ $state == 1/* ]] && return 0
+        if [[ ${state#*/} =~ ^[1-9] ]]; then
+            kc logs "job/$1" --tail 30 >&2 || true
+            kc describe job "$1" >&2 || true
+            die "job $1 failed"
+        fi
+        sleep 2
+    done
+    die "job $1 did not finish in ${TIMEOUT}s"
+}
+
 first=${nodes[0]}
 log "pulling $LOAD_IMAGE on $first (from upstream)"
 pull_job pull-0 "$first" | kc apply -f -
-kc wait --for=condition=complete job/pull-0 --timeout "${TIMEOUT}s"
+wait_job pull-0
 # Let the first node's peerd announce the new content before the others ask for it.
-sleep 5
+sleep "$ANNOUNCE_WAIT"
 log "pulling $LOAD_IMAGE on the other $((NODES - 1)) node(s) at once (from peers)"
 for ((i = 1; i < NODES; i++)); do
     pull_job "pull-$i" "${nodes[$i]}" | kc apply -f -
 done
-for ((i = 1; i < NODES; i++)); do
-    kc wait --for=condition=complete "job/pull-$i" --timeout "${TIMEOUT}s"
-done
+for ((i = 1; i < NODES; i++)); do wait_job "pull-$i"; done
 
 # ---------------------------------------------------------------- 6. served from peers
 

@@ -26,4 +26,8 @@ for engine in io-uring epoll; do
     echo "== integration tests, engine $engine"
     PEERD_IO_ENGINE=$engine python3 -m pytest tests/integration -q -p no:cacheprovider || status=1
 done
+echo "== Kubernetes: control plane (kube-apiserver, etcd, helm built from the Go module proxy; cached)"
+bash "$here/k8s/control-plane.sh" install
+echo "== Kubernetes tests"
+python3 -m pytest tests/k8s -q -p no:cacheprovider || status=1
 exit $status

@@ -266,7 +266,7 @@ cmd_install() {
 	install_k8s
 	exec 9>&-
 	"$BIN/kube-apiserver" --version
-	"$BIN/etcd" --version | head -1
+	"$BIN/etcd" --version | sed -n 1p
 	"$BIN/helm" version --short
 	log "binaries in $BIN"
 }

@@ -30,11 +30,11 @@ impl Reason {
         matches!(self, Reason::Disconnected | Reason::Failed)
     }
 
-    /// The shortest time between two events of this reason.
+    /// The shortest time between two events of this reason. Connected and Disconnected are state
+    /// changes (0 ↔ some peers) and are never dropped: the pod's last event must tell its state.
     fn min_interval(self) -> Duration {
         match self {
             Reason::Active | Reason::Failed => Duration::from_secs(30),
-            Reason::Connected | Reason::Disconnected => Duration::from_secs(5),
             _ => Duration::ZERO,
         }
     }

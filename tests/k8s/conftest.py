@@ -1,10 +1,11 @@
 """Fixtures of peerd's Kubernetes tests.
 
-The lab and the API server are one machine-wide resource: a session that needs them holds an
-exclusive flock on /var/lock/peerd-lab-session.lock from start to end, brings a fresh 5-node lab
-up, then the control plane (it binds 198.18.0.1:6443 on the lab bridge, so the lab comes first),
-and takes both down at the end (control plane first), also when something failed. Tests that
-need neither (shellcheck) never take the lock.
+The lab is one machine-wide resource: a session that needs it holds an exclusive flock on
+/var/lock/peerd-lab-session.lock from start to end, brings a fresh 5-node lab up, then a control
+plane of its own (ci/k8s/control-plane.sh with its own state dir /var/lib/peerd-k8s-tests and
+ports, 198.18.0.1:6543 on the lab bridge, so the lab comes first; see k8slib.CP_ENV), and takes
+both down at the end (control plane first), also when something failed. Tests that need neither
+(rendering the chart, shellcheck, the image's contents) never take the lock.
 
 Each test that uses `env` starts with no peerd running and leaves none running; a failed test's
 peerd, apiserver and registry logs are copied to $PEERD_K8S_ARTIFACTS (/tmp/peerd-k8s-artifacts).
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from k8slib import (CONTROL_PLANE_SH, KUBECTL, LAB_DIR, NODES, SESSION_LOCK, TARGET_DIR, Cluster, Lab,
-                    control_plane_install, run)
+from k8slib import (CP_STATE, KUBECTL, LAB_DIR, NODES, SESSION_LOCK, TARGET_DIR, Cluster, Lab,
+                    control_plane, control_plane_install, run)
 
 ARTIFACTS = Path(os.environ.get("PEERD_K8S_ARTIFACTS", "/tmp/peerd-k8s-artifacts"))
 
@@ -71,10 +72,6 @@ def _take_session_lock(wait: float) -> int:
             time.sleep(2)
 
 
-def _control_plane(*args, timeout=600):
-    return run(["bash", CONTROL_PLANE_SH, *args], timeout=timeout)
-
-
 def save_artifacts(label: str):
     dest = ARTIFACTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)[:80]}"
     try:
@@ -88,7 +85,7 @@ def save_artifacts(label: str):
             src = LAB_DIR / "registry" / f
             if src.exists():
                 shutil.copy(src, dest / f"registry-{f}")
-        src = Path(os.environ.get("PEERD_K8S_STATE", "/var/lib/peerd-k8s")) / "logs" / "kube-apiserver.log"
+        src = CP_STATE / "logs" / "kube-apiserver.log"
         if src.exists():
             shutil.copy(src, dest / "kube-apiserver.log")
         sys.stderr.write(f"\npeerd k8s tests: logs saved in {dest}\n")
@@ -103,7 +100,9 @@ def k8s_session(request):
     src = Path(os.environ.get("PEERD_BIN", TARGET_DIR / "release" / "peerd"))
     if not os.access(src, os.X_OK):
         pytest.exit(f"peerd binary not found: {src} (cargo build --release, or set PEERD_BIN)", returncode=3)
+    t_lock = time.monotonic()
     lock_fd = _take_session_lock(request.config.getoption("--lab-lock-wait"))
+    sys.stderr.write(f"\nlab lock taken after {time.monotonic() - t_lock:.1f} s\n")
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -121,19 +120,20 @@ def k8s_session(request):
         lab = Lab(peerd_bin)
         t0 = time.monotonic()
         lab.up()
-        sys.stderr.write(f"\nlab up ({NODES} nodes) in {time.monotonic() - t0:.1f} s\n")
+        sys.stderr.write(f"lab up ({NODES} nodes) in {time.monotonic() - t0:.1f} s\n")
         t0 = time.monotonic()
         control_plane_install()
-        # A control plane left running on loopback would be unreachable from the lab: restart it
-        # so that it binds the lab bridge.
-        _control_plane("down", timeout=120)
+        # One left running (e.g. on loopback, from before the lab bridge existed) would be
+        # unreachable from the lab: restart it so that it binds the lab bridge.
+        control_plane("down", timeout=120)
         cp_started = True
-        out = _control_plane("up", timeout=600).stdout
+        out = control_plane("up", timeout=600).stdout
         kubeconfig = re.search(r"^kubeconfig (\S+)$", out, re.M).group(1)
         server = re.search(r"^server (\S+)$", out, re.M).group(1)
         assert server.startswith("https://198.18.0.1:"), f"API server not on the lab bridge: {server}"
         sys.stderr.write(f"control plane up ({server}) in {time.monotonic() - t0:.1f} s\n")
         cluster = Cluster(kubeconfig, server, tmp)
+        cluster.remove_stale_namespaces()
         yield Env(lab, cluster, peerd_bin, tmp)
     finally:
         try:
@@ -151,7 +151,7 @@ def k8s_session(request):
                     except Exception as e:  # noqa: BLE001
                         sys.stderr.write(f"removing namespace {ns}: {e}\n")
             if cp_started:
-                run(["bash", CONTROL_PLANE_SH, "down"], timeout=120, check=False)
+                control_plane("down", timeout=120, check=False)
             lab.down()
             shutil.rmtree(tmp, ignore_errors=True)
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
@@ -168,11 +168,6 @@ def env(request, k8s_session):
     if rep is not None and rep.failed:
         save_artifacts(request.node.name)
     k8s_session.lab.stop_all()
-
-
-@pytest.fixture(scope="session")
-def kubectl_bin():
-    return KUBECTL
 
 
 @pytest.fixture(scope="session")

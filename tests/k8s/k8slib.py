@@ -36,6 +36,14 @@ TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR", "/root/.cache/peerd/target"
 K8S_BIN = Path(os.environ.get("PEERD_K8S_CACHE", "/root/.cache/peerd/k8s")) / "bin"
 KUBECTL = K8S_BIN / "kubectl"
 HELM = K8S_BIN / "helm"
+# A control plane of our own (state dir and ports), so that nobody else's use of
+# ci/k8s/control-plane.sh (its selftest, a default instance) can stop ours mid-run, or we theirs.
+CP_STATE = Path(os.environ.get("PEERD_K8S_TEST_STATE", "/var/lib/peerd-k8s-tests"))
+CP_ENV = {
+    "PEERD_K8S_STATE": str(CP_STATE),
+    "PEERD_K8S_PORT": os.environ.get("PEERD_K8S_TEST_PORT", "6543"),
+    "PEERD_K8S_ETCD_PORT": os.environ.get("PEERD_K8S_TEST_ETCD_PORT", "12379"),
+}
 REGISTRY = "198.18.0.2:5000"
 NODES = 5
 HTTP_PORT = 5000
@@ -339,6 +347,11 @@ def flag_values(args: list[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------- API server
 
 
+def control_plane(*args, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """ci/k8s/control-plane.sh on the tests' own instance (CP_ENV)."""
+    return run(["bash", CONTROL_PLANE_SH, *args], timeout=timeout, env={**os.environ, **CP_ENV}, check=check)
+
+
 def control_plane_install():
     """`control-plane.sh install` (cached). It sometimes dies of SIGPIPE (exit 141) after the
     work is done (`etcd --version | head -1` under pipefail): retried."""
@@ -375,7 +388,7 @@ class Cluster:
     def namespace(self, prefix: str) -> str:
         """A fresh namespace (with its default ServiceAccount), removed at the end of the session."""
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-        run(["bash", CONTROL_PLANE_SH, "namespace", name], timeout=60)
+        control_plane("namespace", name, timeout=60)
         self.namespaces.append(name)
         return name
 
@@ -475,6 +488,9 @@ class Cluster:
         self.drop_namespace(ns)
 
     def drop_namespace(self, ns: str):
+        """Deletes a namespace without the namespace controller: mark it terminating, clear its
+        finalizers (what the controller does once the namespace is empty), delete it again."""
+        self.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
         res = self.kubectl("get", "namespace", ns, "-o", "json", check=False)
         if res.returncode != 0:
             return
@@ -482,4 +498,12 @@ class Cluster:
         doc.setdefault("spec", {})["finalizers"] = []
         self.kubectl("replace", "--raw", f"/api/v1/namespaces/{ns}/finalize", "-f", "-",
                      input=json.dumps(doc), check=False)
-        self.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        self.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
+
+    def remove_stale_namespaces(self):
+        """This control plane is the tests' own: any namespace but the system ones is left over
+        from an earlier session that could not clean up."""
+        names = self.kubectl("get", "namespaces", "-o", "name").stdout.split()
+        for n in (x.split("/", 1)[1] for x in names):
+            if n not in ("default", "kube-system", "kube-public", "kube-node-lease"):
+                self.remove_namespace(n)

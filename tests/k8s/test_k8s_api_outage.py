@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import events
-from k8slib import (KUBECTL, metrics, node_ip, peers, pod_name, ready, served, wait_for)
+from k8slib import (CP_STATE, KUBECTL, metrics, node_ip, peers, pod_name, ready, served, wait_for)
 
-STATE = Path(os.environ.get("PEERD_K8S_STATE", "/var/lib/peerd-k8s"))
 
 
 def _apiserver_pid() -> int:
-    pid = int((STATE / "run" / "kube-apiserver.pid").read_text().strip())
+    pid = int((CP_STATE / "run" / "kube-apiserver.pid").read_text().strip())
     exe = os.readlink(f"/proc/{pid}/exe")
     assert exe.removesuffix(" (deleted)").endswith("/kube-apiserver"), exe
     return pid
