@@ -131,8 +131,18 @@ fn run(cfg: RunConfig) -> anyhow::Result<()> {
         resolve_latest_tag: cfg.resolve_latest_tag,
     };
     let engine = dataplane::Engine::choose(cfg.io_engine);
-    let shared = dataplane::Shared { store: content, index, control: control_handle, metrics, cfg: serve_cfg };
-    let _shards = dataplane::start(shards, cfg.http_addr, engine, shared)?;
+    let shared = dataplane::Shared { store: content, index, control: control_handle.clone(), metrics, cfg: serve_cfg };
+    let _shards = match dataplane::start(shards, cfg.http_addr, engine, shared) {
+        Ok(s) => s,
+        Err(e) => {
+            // Operators see this on the pod (P2PFailed), not only in the log of a crash loop.
+            let (published, done) = std::sync::mpsc::channel();
+            control_handle
+                .send(messages::ControlRequest::Fatal { reason: format!("failed to start: {e:#}"), published });
+            let _ = done.recv_timeout(Duration::from_secs(10));
+            return Err(e);
+        }
+    };
 
     // The control thread returns on SIGTERM/SIGINT; the shards end with the process.
     match control.join() {

@@ -32,6 +32,9 @@ pub enum ControlRequest {
     RequestFailed { reason: String },
     /// A peer answered with bytes that did not match the digest: stop trusting it for a while.
     BadPeer { peer_id: String },
+    /// peerd cannot start: report it (`P2PFailed`) and signal `published` once the report went
+    /// out, or drop it when there is nowhere to report to.
+    Fatal { reason: String, published: std::sync::mpsc::Sender<()> },
 }
 
 struct Inbox {

@@ -44,12 +44,23 @@ impl Reason {
 pub struct Reporter {
     last: HashMap<Reason, Instant>,
     suppressed: HashMap<Reason, u64>,
-    sink: Option<tokio::sync::mpsc::Sender<(Reason, String)>>,
+    sink: Option<tokio::sync::mpsc::Sender<Published>>,
 }
 
+/// An event on its way to the API server, with whom to tell once it is published.
+pub type Published = (Reason, String, Option<std::sync::mpsc::Sender<()>>);
+
 impl Reporter {
-    pub fn with_sink(sink: tokio::sync::mpsc::Sender<(Reason, String)>) -> Self {
+    pub fn with_sink(sink: tokio::sync::mpsc::Sender<Published>) -> Self {
         Self { sink: Some(sink), ..Self::default() }
+    }
+
+    /// Reports a failure to start, bypassing the rate limit; `published` hears once it is out.
+    pub fn report_fatal(&mut self, message: &str, published: std::sync::mpsc::Sender<()>) {
+        tracing::error!(event = Reason::Failed.as_str(), "{message}");
+        if let Some(sink) = &self.sink {
+            let _ = sink.try_send((Reason::Failed, message.to_owned(), Some(published)));
+        }
     }
 
     /// Reports an event unless one of the same reason went out too recently.
@@ -70,7 +81,7 @@ impl Reporter {
         }
         if let Some(sink) = &self.sink {
             // Full means the API server is slow: drop, never wait.
-            let _ = sink.try_send((reason, message.to_owned()));
+            let _ = sink.try_send((reason, message.to_owned(), None));
         }
     }
 }

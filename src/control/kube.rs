@@ -15,7 +15,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
-use super::events::Reason;
+use super::events::Published;
 
 /// Label every peerd pod carries (the chart sets it).
 pub const POD_LABEL: &str = "app=peerd";
@@ -39,11 +39,7 @@ impl PodIdentity {
 /// Connects to the API server (in-cluster config or `KUBECONFIG`), then publishes every event
 /// that arrives on `events` and, if `peers` is given, reports the IPs of the other ready peerd
 /// pods on it whenever they change. Retries the connection with backoff; never returns early.
-pub async fn run(
-    pod: PodIdentity,
-    mut events: mpsc::Receiver<(Reason, String)>,
-    peers: Option<mpsc::Sender<Vec<IpAddr>>>,
-) {
+pub async fn run(pod: PodIdentity, mut events: mpsc::Receiver<Published>, peers: Option<mpsc::Sender<Vec<IpAddr>>>) {
     let mut backoff = Duration::from_millis(500);
     let client = loop {
         match Client::try_default().await {
@@ -60,7 +56,7 @@ pub async fn run(
     }
     let reference = pod_reference(&client, &pod).await;
     let recorder = Recorder::new(client, Reporter { controller: "peerd".into(), instance: Some(pod.name.clone()) });
-    while let Some((reason, note)) = events.recv().await {
+    while let Some((reason, note, published)) = events.recv().await {
         let event = Event {
             type_: if reason.is_warning() { EventType::Warning } else { EventType::Normal },
             reason: reason.as_str().into(),
@@ -72,6 +68,9 @@ pub async fn run(
             Ok(Ok(())) => tracing::debug!(reason = reason.as_str(), "event published"),
             Ok(Err(e)) => tracing::warn!(error = %e, reason = reason.as_str(), "publishing an event failed"),
             Err(_) => tracing::warn!(reason = reason.as_str(), "publishing an event timed out"),
+        }
+        if let Some(p) = published {
+            let _ = p.send(());
         }
     }
 }

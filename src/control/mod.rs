@@ -145,7 +145,7 @@ async fn run(
     let (peer_ips_tx, mut peer_ips_rx) = mpsc::channel::<Vec<IpAddr>>(8);
     let reporter = match kube::PodIdentity::from_env() {
         Some(pod) => {
-            let (events_tx, events_rx) = mpsc::channel(64);
+            let (events_tx, events_rx) = mpsc::channel::<events::Published>(64);
             let peers = (cfg.bootstrap == Bootstrap::Kubernetes).then_some(peer_ips_tx);
             tokio::spawn(kube::run(pod, events_rx, peers));
             Reporter::with_sink(events_tx)
@@ -283,6 +283,7 @@ impl Control {
             ControlRequest::RequestFailed { reason } => {
                 self.reporter.report(Reason::Failed, &format!("failed to serve a request: {reason}"))
             }
+            ControlRequest::Fatal { reason, published } => self.reporter.report_fatal(&reason, published),
             ControlRequest::BadPeer { peer_id } => {
                 if let Ok(p) = peer_id.parse::<PeerId>() {
                     self.bad_peers.insert(p, Instant::now());

@@ -129,8 +129,6 @@ def test_pod_events(env):
         assert first_init <= first_conn, f"{pod_name(i)}: P2PConnected ({first_conn}) before P2PInitializing ({first_init})"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a peerd that fails to start (data plane cannot bind its HTTP "
-                   "port) exits at once without publishing any event, not P2PFailed (nor P2PInitializing)")
 def test_failed_start_is_reported(env):
     """A peerd that cannot start (its HTTP port is taken: with host networking, another process on
     the node may hold it) says so on its pod with P2PFailed before it exits."""
