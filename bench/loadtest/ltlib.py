@@ -2,6 +2,11 @@
 log, rate strings and formatting."""
 import math
 import re
+import os as _os
+import sys as _sys
+
+_sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "lib"))
+import prom as _prom  # noqa: E402
 
 MIB = 1 << 20
 
@@ -35,25 +40,8 @@ def summarize(values):
 
 # ---------------------------------------------------------------- Prometheus text format
 
-_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def prom_parse(text):
-    """[(name, {label: value}, float)] of every sample."""
-    out = []
-    for line in (text or "").splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _LINE.match(line)
-        if not m:
-            continue
-        try:
-            v = float(m.group(4))
-        except ValueError:
-            continue
-        out.append((m.group(1), dict(_LABEL.findall(m.group(3) or "")), v))
-    return out
+# One parser for the whole bench: bench/lib/prom.py.
+prom_parse = _prom.parse
 
 
 def prom_sum(samples, name, **match):
