@@ -122,6 +122,15 @@ pub struct RunConfig {
     /// How long a peer may take to start answering before a second peer is asked too.
     #[arg(long, env = "PEERD_HEDGE_DELAY_MS", default_value_t = 40)]
     pub hedge_delay_ms: u64,
+    /// On a miss that no peer can serve, fetch the blob from the upstream registry once for the
+    /// whole cluster (through the digest's home node) and share it while it arrives. Off: answer
+    /// 404 and let containerd go to the registry itself.
+    #[arg(long, env = "PEERD_PULL_THROUGH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pull_through: bool,
+    /// Size of the pull-through cache under `<data-dir>/cache`, in MiB. Blobs containerd holds
+    /// itself are dropped from it first, then the oldest.
+    #[arg(long, env = "PEERD_CACHE_SIZE_MIB", default_value_t = 4096)]
+    pub cache_size_mib: u64,
     /// Resolve `latest` tags from peers too (off: a re-pushed latest must come from upstream).
     #[arg(long, env = "PEERD_RESOLVE_LATEST_TAG")]
     pub resolve_latest_tag: bool,
@@ -186,6 +195,20 @@ impl RunConfig {
 
     pub fn hedge_delay(&self) -> Duration {
         Duration::from_millis(self.hedge_delay_ms)
+    }
+
+    /// `host[:port]` → base URL of its API, for the registries `--hosts` names with a scheme.
+    pub fn upstream_urls(&self) -> Vec<(String, String)> {
+        self.mirror
+            .hosts()
+            .iter()
+            .map(|h| {
+                let host = registry_host(h);
+                let scheme = if h.starts_with("http://") { "http" } else { "https" };
+                let api = crate::upstream::api_host(&host).to_owned();
+                (host, format!("{scheme}://{api}"))
+            })
+            .collect()
     }
 
     /// The registry hosts (`host[:port]`) that `--hosts` allows; empty means all.

@@ -3,6 +3,7 @@
 //! The binary (`main.rs`) wires these rooms together; they are a library so that the parsers can
 //! be fuzzed and the rooms tested on their own.
 
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod dataplane;
@@ -12,3 +13,4 @@ pub mod metrics;
 pub mod oci;
 pub mod store;
 pub mod sys;
+pub mod upstream;

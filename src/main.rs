@@ -12,7 +12,7 @@ use clap::Parser;
 use prometheus_client::registry::Registry;
 
 use peerd::config::{self, Cli, Command, ConfigureArgs, MirrorArgs, RunConfig};
-use peerd::{control, dataplane, hosts_config, messages, metrics, store, sys};
+use peerd::{cache, control, dataplane, hosts_config, messages, metrics, store, sys, upstream};
 
 const GIT_REVISION: &str = match option_env!("PEERD_GIT_REVISION") {
     Some(r) => r,
@@ -103,7 +103,9 @@ fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let metrics = metrics::Metrics::new(shards, &mut registry);
     let (control_handle, control_rx) = messages::channel();
     let index: store::SharedIndex = Arc::new(ArcSwap::from_pointee(store::LocalIndex::default()));
-    let content = store::ContentStore::new(&cfg.content_dir);
+    let cache_dir = cfg.data_dir.join("cache");
+    let content = store::ContentStore::new(&cfg.content_dir).with_cache(&cache_dir);
+    let members: messages::SharedMembers = Arc::default();
 
     let control = control::spawn(
         control::ControlConfig {
@@ -115,6 +117,8 @@ fn run(cfg: RunConfig) -> anyhow::Result<()> {
             containerd_socket: cfg.containerd_socket.clone(),
             namespace: cfg.containerd_namespace.clone(),
             store: content.clone(),
+            members: members.clone(),
+            cache_max_bytes: cfg.cache_size_mib.saturating_mul(1 << 20),
         },
         control_rx,
         index.clone(),
@@ -129,9 +133,24 @@ fn run(cfg: RunConfig) -> anyhow::Result<()> {
         lookup_timeout: cfg.lookup_timeout(),
         hedge_delay: cfg.hedge_delay(),
         resolve_latest_tag: cfg.resolve_latest_tag,
+        upstreams: cfg.upstream_urls(),
+    };
+    let pull_through = if cfg.pull_through {
+        let blob_cache = Arc::new(cache::BlobCache::new(&cache_dir).context("creating the pull-through cache")?);
+        let upstream = upstream::spawn(blob_cache.clone(), metrics.clone(), control_handle.clone())?;
+        Some(dataplane::PullThrough { cache: blob_cache, upstream, members })
+    } else {
+        None
     };
     let engine = dataplane::Engine::choose(cfg.io_engine);
-    let shared = dataplane::Shared { store: content, index, control: control_handle.clone(), metrics, cfg: serve_cfg };
+    let shared = dataplane::Shared {
+        store: content,
+        index,
+        control: control_handle.clone(),
+        metrics,
+        cfg: serve_cfg,
+        pull_through,
+    };
     let _shards = match dataplane::start(shards, cfg.http_addr, engine, shared) {
         Ok(s) => s,
         Err(e) => {

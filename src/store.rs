@@ -14,31 +14,65 @@ use crate::oci::Digest;
 /// Manifests and indexes larger than this are refused: real ones are a few KiB.
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
-/// containerd's content store, `<root>/io.containerd.content.v1.content`.
+/// The node's blobs: containerd's content store (`<root>/io.containerd.content.v1.content`),
+/// then peerd's own cache of blobs it pulled through from upstream (`<data-dir>/cache`).
 #[derive(Clone, Debug)]
 pub struct ContentStore {
     root: PathBuf,
+    cache: Option<PathBuf>,
 }
 
 impl ContentStore {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: root.into(), cache: None }
     }
 
+    /// Also serves (and announces) the verified blobs under `cache/sha256/<hex>`.
+    pub fn with_cache(mut self, cache: impl Into<PathBuf>) -> Self {
+        self.cache = Some(cache.into());
+        self
+    }
+
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        self.cache.as_ref().map(|c| c.join("sha256"))
+    }
+
+    /// Where containerd keeps `digest`.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs").join("sha256").join(digest.hex())
     }
 
-    /// Opens a committed blob; `NotFound` when containerd does not have it (or GC removed it).
-    /// An fd stays valid after GC unlinks the file, so a response in flight always completes.
+    /// Where peerd's cache keeps `digest` once verified.
+    pub fn cache_path(&self, digest: &Digest) -> Option<PathBuf> {
+        self.cache_dir().map(|c| c.join(digest.hex()))
+    }
+
+    /// The file behind `digest` now: containerd's copy first, else the cache's.
+    fn existing_path(&self, digest: &Digest) -> Option<PathBuf> {
+        let p = self.blob_path(digest);
+        if p.is_file() {
+            return Some(p);
+        }
+        self.cache_path(digest).filter(|c| c.is_file())
+    }
+
+    /// Opens a committed blob; `NotFound` when neither containerd nor the cache has it (or GC
+    /// removed it). An fd stays valid after GC unlinks the file, so a response in flight always
+    /// completes.
     pub fn open(&self, digest: &Digest) -> io::Result<(File, u64)> {
-        let file = File::open(self.blob_path(digest))?;
+        let file = match File::open(self.blob_path(digest)) {
+            Ok(f) => f,
+            Err(e) => match self.cache_path(digest) {
+                Some(c) => File::open(c)?,
+                None => return Err(e),
+            },
+        };
         let len = file.metadata()?.len();
         Ok((file, len))
     }
 
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.blob_path(digest).is_file()
+        self.existing_path(digest).is_some()
     }
 
     /// Reads a small blob (a manifest, index or config) whole.
@@ -73,7 +107,7 @@ impl ContentStore {
     /// file changes.
     pub fn stamp(&self, digest: &Digest) -> Option<FileStamp> {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(self.blob_path(digest)).ok()?;
+        let m = std::fs::metadata(self.existing_path(digest)?).ok()?;
         Some(FileStamp { ino: m.ino(), len: m.len(), mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec() })
     }
 }

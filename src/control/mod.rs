@@ -27,7 +27,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
 use crate::config::Bootstrap;
-use crate::messages::{ControlReceiver, ControlRequest, Provider};
+use crate::messages::{ControlReceiver, ControlRequest, Members, Provider, SharedMembers};
 use crate::metrics::FromLabels;
 use crate::metrics::Metrics;
 use crate::store::{keep_verified, ContentStore, LocalIndex, SharedIndex, VerifiedBlobs};
@@ -50,6 +50,9 @@ pub struct ControlConfig {
     pub containerd_socket: PathBuf,
     pub namespace: String,
     pub store: ContentStore,
+    /// Published for the shards' choice of a digest's home node.
+    pub members: SharedMembers,
+    pub cache_max_bytes: u64,
 }
 
 /// Starts the control thread; returns once its listeners are bound.
@@ -105,6 +108,9 @@ struct Control {
     /// The peerd pods the API server last listed (`--bootstrap kubernetes`).
     pod_ips: Vec<IpAddr>,
     router_port: u16,
+    members: SharedMembers,
+    /// Set when the node's own content changed outside containerd (the pull-through cache).
+    rescan_now: bool,
 }
 
 async fn run(
@@ -175,6 +181,8 @@ async fn run(
         advertised: HashSet::new(),
         pod_ips: Vec::new(),
         router_port,
+        members: cfg.members.clone(),
+        rescan_now: false,
     };
     control.reporter.report(Reason::Initializing, "peerd is starting");
     control.dial_bootstrap().await;
@@ -185,6 +193,7 @@ async fn run(
         store: cfg.store.clone(),
         verified: VerifiedBlobs::new(),
         metrics: control.metrics.clone(),
+        cache_max_bytes: cfg.cache_max_bytes,
     });
     let mut last_scan = Instant::now();
     let mut rescan_wanted = false;
@@ -192,7 +201,15 @@ async fn run(
     loop {
         tokio::select! {
             ev = control.swarm.select_next_some() => control.on_swarm_event(ev),
-            req = rx.recv() => control.on_request(req),
+            req = rx.recv() => {
+                control.on_request(req);
+                if std::mem::take(&mut control.rescan_now) {
+                    match idle_job.take() {
+                        Some(job) => spawn_scan(job, scanned_tx.clone()),
+                        None => rescan_wanted = true,
+                    }
+                }
+            }
             Some(()) = changed_rx.recv() => match idle_job.take() {
                 Some(job) => spawn_scan(job, scanned_tx.clone()),
                 None => rescan_wanted = true,
@@ -232,6 +249,7 @@ struct ScanJob {
     store: ContentStore,
     verified: VerifiedBlobs,
     metrics: Metrics,
+    cache_max_bytes: u64,
 }
 
 type ScanResult = (Option<LocalIndex>, ScanJob);
@@ -248,6 +266,10 @@ fn spawn_scan(mut job: ScanJob, done: mpsc::Sender<ScanResult>) {
             Ok(mut index) => {
                 // Hash new blobs off the runtime: a corrupt blob is never announced.
                 let verified = tokio::task::spawn_blocking(move || {
+                    // The pull-through cache: drop what containerd now holds, keep it in size,
+                    // and announce the rest with containerd's content.
+                    crate::cache::trim(&job.store, job.cache_max_bytes);
+                    index.digests.extend(crate::cache::cached_digests(&job.store));
                     let bad = keep_verified(&job.store, &mut index, &mut job.verified);
                     (index, job, bad)
                 })
@@ -287,8 +309,10 @@ impl Control {
             ControlRequest::BadPeer { peer_id } => {
                 if let Ok(p) = peer_id.parse::<PeerId>() {
                     self.bad_peers.insert(p, Instant::now());
+                    self.publish_members();
                 }
             }
+            ControlRequest::ContentChanged => self.rescan_now = true,
         }
     }
 
@@ -357,6 +381,7 @@ impl Control {
                 if let identify::Event::Received { peer_id, info, .. } = ev {
                     let entry = self.peers.entry(peer_id).or_default();
                     entry.http_port = p2p::http_port_from_agent(&info.agent_version);
+                    self.publish_members();
                     if info.protocols.iter().any(|p| p.as_ref() == p2p::KAD_PROTOCOL) {
                         for addr in info.listen_addrs.into_iter().filter(p2p::routable) {
                             self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -405,11 +430,30 @@ impl Control {
         }
     }
 
+    /// Tells the shards which peers can be a digest's home: connected, with a known HTTP
+    /// address, and not penalised.
+    fn publish_members(&mut self) {
+        let now = Instant::now();
+        self.bad_peers.retain(|_, t| now.duration_since(*t) < BAD_PEER_PENALTY);
+        let peers: Vec<(Vec<u8>, Provider)> = self
+            .peers
+            .iter()
+            .filter(|(id, e)| e.connections > 0 && e.http_port.is_some() && !self.bad_peers.contains_key(id))
+            .filter_map(|(id, e)| {
+                let http = SocketAddr::new(e.ip?, e.http_port?);
+                Some((id.to_bytes(), Provider { peer_id: id.to_string(), http }))
+            })
+            .collect();
+        let me = self.swarm.local_peer_id().to_bytes();
+        self.members.store(Arc::new(Members::new(&me, peers)));
+    }
+
     fn connected_peers(&self) -> usize {
         self.peers.values().filter(|p| p.connections > 0).count()
     }
 
     fn peers_changed(&mut self) {
+        self.publish_members();
         let n = self.connected_peers();
         let before = self.health.peers.swap(n, Ordering::Relaxed);
         self.metrics.peers.set(n as i64);
@@ -455,6 +499,10 @@ impl Control {
     }
 
     async fn maintain(&mut self) {
+        if !self.bad_peers.is_empty() {
+            // A penalty that ran out puts the peer back among the homes.
+            self.publish_members();
+        }
         if self.connected_peers() == 0 {
             self.dial_bootstrap().await;
         }

@@ -14,12 +14,14 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use sha2::{Digest as _, Sha256};
 
-use crate::dataplane::http::PEER_HEADER;
+use crate::dataplane::http::{PEER_HEADER, PULL_THROUGH_HEADER};
 use crate::messages::Provider;
 use crate::oci::{ByteRange, Digest};
 
 /// Connecting and receiving a response head from a peer.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(3);
+/// A home node answers once upstream did: connecting, a token, a redirect.
+const PULL_THROUGH_HEAD_TIMEOUT: Duration = Duration::from_secs(15);
 /// A peer that sends nothing for this long mid-body is given up for another.
 const STALL_TIMEOUT: Duration = Duration::from_secs(3);
 const BUF_SIZE: usize = 256 * 1024;
@@ -68,7 +70,17 @@ pub async fn request(
     target: &str,
     range_from: Option<u64>,
 ) -> Result<PeerResponse, FetchError> {
-    match monoio::time::timeout(HEAD_TIMEOUT, request_inner(addr, method, target, range_from)).await {
+    match monoio::time::timeout(HEAD_TIMEOUT, request_inner(addr, method, target, range_from, "")).await {
+        Ok(r) => r,
+        Err(_) => Err(FetchError::Timeout(addr)),
+    }
+}
+
+/// Asks a digest's home node to serve it, fetching it from upstream if it must. Its answer waits
+/// for upstream's, so it gets longer than a peer's to start.
+pub async fn request_pull_through(addr: SocketAddr, method: &str, target: &str) -> Result<PeerResponse, FetchError> {
+    let extra = format!("{PULL_THROUGH_HEADER}: 1\r\n");
+    match monoio::time::timeout(PULL_THROUGH_HEAD_TIMEOUT, request_inner(addr, method, target, None, &extra)).await {
         Ok(r) => r,
         Err(_) => Err(FetchError::Timeout(addr)),
     }
@@ -79,12 +91,14 @@ async fn request_inner(
     method: &str,
     target: &str,
     range_from: Option<u64>,
+    extra: &str,
 ) -> Result<PeerResponse, FetchError> {
     let mut stream = TcpStream::connect_addr(addr).await.map_err(|e| FetchError::Connect(addr, e))?;
     let _ = stream.set_nodelay(true);
     let range = range_from.map(|r| format!("Range: bytes={r}-\r\n")).unwrap_or_default();
-    let head =
-        format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{PEER_HEADER}: 1\r\n{range}Connection: close\r\n\r\n");
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{PEER_HEADER}: 1\r\n{extra}{range}Connection: close\r\n\r\n"
+    );
     let (res, _) = stream.write_all(head.into_bytes()).await;
     res.map_err(|e| FetchError::Io(addr, e))?;
 

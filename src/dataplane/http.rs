@@ -44,11 +44,14 @@ pub struct Request {
     pub close: bool,
     /// Sent by peerd to peerd: answer from local content only, never ask the network again.
     pub from_peer: bool,
+    /// Sent by peerd to the digest's home node: fetch it from upstream if nobody has it.
+    pub pull_through: bool,
     /// The request has a body we will not read; the connection cannot be reused.
     pub has_body: bool,
 }
 
 pub const PEER_HEADER: &str = "x-peerd-peer";
+pub const PULL_THROUGH_HEADER: &str = "x-peerd-pull-through";
 
 /// Why no request could be read.
 pub enum ReadError {
@@ -117,6 +120,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, OciError> {
     let mut close = req.version == Some(0);
     let mut range = None;
     let mut from_peer = false;
+    let mut pull_through = false;
     let mut has_body = false;
     for h in req.headers.iter() {
         let name = h.name;
@@ -131,13 +135,15 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, OciError> {
             }
         } else if name.eq_ignore_ascii_case(PEER_HEADER) {
             from_peer = true;
+        } else if name.eq_ignore_ascii_case(PULL_THROUGH_HEADER) {
+            pull_through = true;
         } else if name.eq_ignore_ascii_case("content-length") {
             has_body |= h.value != b"0";
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             has_body = true;
         }
     }
-    Ok(Some((Request { method, method_name, target, range, close, from_peer, has_body }, used)))
+    Ok(Some((Request { method, method_name, target, range, close, from_peer, pull_through, has_body }, used)))
 }
 
 pub fn reason(status: u16) -> &'static str {

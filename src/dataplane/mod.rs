@@ -12,17 +12,20 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use prometheus_client::metrics::histogram::Histogram;
 
+use crate::cache::BlobCache;
 use crate::config::IoEngine;
-use crate::messages::{ControlHandle, Provider};
+use crate::messages::{ControlHandle, Provider, SharedMembers};
 use crate::metrics::{Metrics, RequestLabels, ShardStats};
-use crate::oci::OciError;
+use crate::oci::{self, OciError};
 use crate::store::{ContentStore, SharedIndex};
+use crate::upstream::UpstreamHandle;
 
 /// The I/O engine a shard actually runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +71,17 @@ pub struct ServeConfig {
     pub lookup_timeout: Duration,
     pub hedge_delay: Duration,
     pub resolve_latest_tag: bool,
+    /// `host[:port]` → base URL of its API (from `--hosts`); a registry not listed is reached
+    /// over https when `--hosts` allows all.
+    pub upstreams: Vec<(String, String)>,
+}
+
+/// Pull-through: the cache of blobs fetched from upstream, and the thread that fetches them.
+#[derive(Clone)]
+pub struct PullThrough {
+    pub cache: Arc<BlobCache>,
+    pub upstream: UpstreamHandle,
+    pub members: SharedMembers,
 }
 
 /// What every shard shares (all of it read-only or lock-free).
@@ -78,6 +92,7 @@ pub struct Shared {
     pub control: ControlHandle,
     pub metrics: Metrics,
     pub cfg: ServeConfig,
+    pub pull_through: Option<PullThrough>,
 }
 
 /// One shard's state, owned by its thread.
@@ -88,6 +103,7 @@ pub struct Shard {
     pub control: ControlHandle,
     pub metrics: Metrics,
     pub cfg: ServeConfig,
+    pub pull_through: Option<PullThrough>,
     durations: RefCell<HashMap<RequestLabels, Histogram>>,
 }
 
@@ -111,6 +127,17 @@ impl Shard {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The URL to fetch `digest` of repository `name` from, for registry `ns`.
+    pub fn upstream_url(&self, registry: Option<&str>, name: &str, digest: &oci::Digest) -> Option<String> {
+        let registry = registry.or(self.cfg.default_registry.as_deref())?;
+        let base = match self.cfg.upstreams.iter().find(|(h, _)| h == registry) {
+            Some((_, base)) => base.clone(),
+            None if self.cfg.registries.is_empty() => format!("https://{}", crate::upstream::api_host(registry)),
+            None => return None,
+        };
+        Some(format!("{base}/v2/{name}/blobs/{digest}"))
     }
 
     pub async fn find_providers(&self, key: String) -> Vec<Provider> {
@@ -180,6 +207,7 @@ async fn shard_main(id: usize, addr: SocketAddr, shared: Shared, ready: mpsc::Se
         control: shared.control,
         metrics: shared.metrics,
         cfg: shared.cfg,
+        pull_through: shared.pull_through,
         durations: RefCell::new(HashMap::new()),
     });
     loop {

@@ -4,18 +4,21 @@
 
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 
-use super::fetch::{self, PeerResponse, RelayOutcome};
+use super::fetch::{self, FetchError, PeerResponse, RelayOutcome};
 use super::http::{self, Method, Request};
 use super::send;
 use super::Shard;
+use crate::cache::{Begin, State, Transfer};
 use crate::messages::ControlRequest;
 use crate::metrics::{FromLabels, Handler, OpLabels, RequestLabels, Source};
 use crate::oci::{self, ByteRange, Digest, ManifestDoc, OciError, Reference, Route};
 use crate::store::MAX_MANIFEST_BYTES;
+use crate::upstream::Job;
 
 /// What happened to one request, for metrics and for whether the connection can go on.
 pub struct Outcome {
@@ -54,13 +57,24 @@ pub async fn handle(shard: &Rc<Shard>, stream: &mut TcpStream, req: &Request) ->
                 respond_error(stream, &e, req, handler).await
             } else {
                 let target = blob_target(&name, &digest, registry.as_deref());
-                serve_blob(shard, stream, req, &digest, &target, handler).await
+                let origin = shard.upstream_url(registry.as_deref(), &name, &digest).map(|url| Origin {
+                    url,
+                    scope: Some(format!("repository:{name}:pull")),
+                    home_target: target.clone(),
+                });
+                serve_blob(shard, stream, req, &digest, &target, origin, handler).await
             }
         }
-        Ok(Route::StreamBlob { digest, .. }) => {
-            // Content is shared by digest, so peers are asked through the /v2 path they all serve.
+        Ok(Route::StreamBlob { digest, url }) => {
+            // Content is shared by digest, so peers are asked through the /v2 path they all serve;
+            // the home node is handed the URL itself.
             let target = blob_target("peerd/stream", &digest, None);
-            serve_blob(shard, stream, req, &digest, &target, handler).await
+            let origin = (url.starts_with("https://") || url.starts_with("http://")).then(|| Origin {
+                url,
+                scope: None,
+                home_target: req.target.clone(),
+            });
+            serve_blob(shard, stream, req, &digest, &target, origin, handler).await
         }
         Ok(Route::Manifest { name, reference, registry }) => match shard.check_registry(registry.as_deref()) {
             Err(e) => respond_error(stream, &e, req, handler).await,
@@ -102,12 +116,23 @@ async fn write_or_break(stream: &mut TcpStream, bytes: Vec<u8>, status: u16, han
     Outcome { status, handler, broken }
 }
 
+/// Where a blob comes from when no node has it.
+struct Origin {
+    url: String,
+    /// The token scope, for registries that want an anonymous token.
+    scope: Option<String>,
+    /// The request to send to the digest's home node.
+    home_target: String,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_blob(
     shard: &Rc<Shard>,
     stream: &mut TcpStream,
     req: &Request,
     digest: &Digest,
     target: &str,
+    origin: Option<Origin>,
     handler: Handler,
 ) -> Outcome {
     match shard.store.open(digest) {
@@ -136,9 +161,114 @@ async fn serve_blob(
             shard.stats().served(Source::Local, sent);
             Outcome { status, handler, broken: res.is_err() }
         }
-        Err(_) if req.from_peer => respond_error(stream, &OciError::NotFound, req, handler).await,
-        Err(_) => serve_blob_from_peers(shard, stream, req, digest, target, handler).await,
+        Err(_) => {
+            // Already on its way from upstream to this node: read along.
+            if let Some(t) = shard.pull_through.as_ref().and_then(|p| p.cache.joined(digest)) {
+                return serve_transfer(shard, stream, req, t, handler).await;
+            }
+            match origin {
+                // The digest's home node, asked by a peer: fetch it from upstream, never ask the
+                // network again.
+                Some(o) if req.from_peer && req.pull_through => {
+                    pull_through(shard, stream, req, digest, &o, handler).await
+                }
+                _ if req.from_peer => respond_error(stream, &OciError::NotFound, req, handler).await,
+                origin => serve_blob_from_peers(shard, stream, req, digest, target, origin, handler).await,
+            }
+        }
     }
+}
+
+/// Fetches `digest` from upstream on this node (or joins the fetch already running) and serves
+/// it as it arrives.
+async fn pull_through(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    req: &Request,
+    digest: &Digest,
+    origin: &Origin,
+    handler: Handler,
+) -> Outcome {
+    let Some(pt) = shard.pull_through.as_ref() else {
+        return respond_error(stream, &OciError::NotFound, req, handler).await;
+    };
+    let transfer = match pt.cache.begin(digest) {
+        Ok(Begin::Joined(t)) => t,
+        Ok(Begin::Started(t, writer)) => {
+            tracing::debug!(%digest, url = %origin.url, "pulling through from upstream");
+            pt.upstream.fetch(Job {
+                url: origin.url.clone(),
+                scope: origin.scope.clone(),
+                transfer: t.clone(),
+                writer,
+            });
+            t
+        }
+        // It landed in the cache in the meantime.
+        Ok(Begin::Cached) => return Box::pin(serve_blob(shard, stream, req, digest, "", None, handler)).await,
+        Err(e) => {
+            tracing::warn!(%digest, error = %e, "cannot start a pull-through");
+            return respond_error(stream, &OciError::NotFound, req, handler).await;
+        }
+    };
+    serve_transfer(shard, stream, req, transfer, handler).await
+}
+
+/// Serves a blob that is arriving from upstream: `sendfile` from the growing file as far as it
+/// goes, the last byte only once the whole blob matched its digest.
+async fn serve_transfer(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    req: &Request,
+    t: Arc<Transfer>,
+    handler: Handler,
+) -> Outcome {
+    let head = t.wait_head().await;
+    if let State::Failed { before_body: true, .. } = head.state {
+        return respond_error(stream, &OciError::NotFound, req, handler).await;
+    }
+    if let State::Failed { .. } = head.state {
+        // Failed mid-body before this request promised anything: it can still go elsewhere.
+        return respond_error(stream, &OciError::NotFound, req, handler).await;
+    }
+    let size = head.size;
+    let range = match oci::parse_range(req.range.as_deref(), size) {
+        Ok(r) => r,
+        Err(e) => return respond_error(stream, &e, req, handler).await,
+    };
+    let status = if range.is_some() { 206 } else { 200 };
+    if http::write_all(stream, blob_head(&t.digest, size, range, req.close)).await.is_err() {
+        return Outcome { status, handler, broken: true };
+    }
+    if req.method == Method::Head || size == 0 {
+        return Outcome::ok(status, handler);
+    }
+    let window = range.unwrap_or(ByteRange { start: 0, end: size - 1 });
+    let end = window.end + 1;
+    let mut pos = window.start;
+    let mut sent_total = 0;
+    let broken = loop {
+        if pos == end {
+            break false;
+        }
+        let snap = t.wait(|s| Transfer::sendable(s, end) > pos || s.state == State::Verified).await;
+        if let State::Failed { reason, .. } = &snap.state {
+            tracing::debug!(digest = %t.digest, %reason, "pull-through failed mid-body; cutting the response short");
+            break true;
+        }
+        let limit = Transfer::sendable(&snap, end);
+        if limit <= pos {
+            continue;
+        }
+        let (sent, res) = send::send_file(stream, &t.file, pos, limit - pos).await;
+        pos += sent;
+        sent_total += sent;
+        if res.is_err() {
+            break true;
+        }
+    };
+    shard.stats().served(Source::Upstream, sent_total);
+    Outcome { status, handler, broken }
 }
 
 fn blob_head(digest: &Digest, size: u64, range: Option<ByteRange>, close: bool) -> Vec<u8> {
@@ -160,25 +290,47 @@ fn blob_head(digest: &Digest, size: u64, range: Option<ByteRange>, close: bool) 
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_blob_from_peers(
     shard: &Rc<Shard>,
     stream: &mut TcpStream,
     req: &Request,
     digest: &Digest,
     target: &str,
+    origin: Option<Origin>,
     handler: Handler,
 ) -> Outcome {
     let providers = shard.find_providers(digest.to_string()).await;
-    if providers.is_empty() {
-        let e = OciError::NotFound;
-        return respond_error(stream, &e, req, handler).await;
-    }
     let method = if req.method == Method::Head { "HEAD" } else { "GET" };
-    let (resp, idx) = match fetch::first_response(&providers, 0, method, target, None, shard.cfg.hedge_delay).await {
-        Ok(r) => r,
+    let found = if providers.is_empty() {
+        Err(FetchError::Exhausted)
+    } else {
+        fetch::first_response(&providers, 0, method, target, None, shard.cfg.hedge_delay).await
+    };
+    let (resp, idx, providers) = match found {
+        Ok((resp, idx)) => (resp, idx, providers),
         Err(e) => {
-            tracing::debug!(%digest, error = %e, "no provider could serve");
-            return respond_error(stream, &OciError::NotFound, req, handler).await;
+            tracing::debug!(%digest, error = %e, "no peer has it");
+            let (Some(origin), Some(pt)) = (origin, shard.pull_through.as_ref()) else {
+                return respond_error(stream, &OciError::NotFound, req, handler).await;
+            };
+            // Nobody has it: the digest's home node fetches it from upstream for everyone.
+            let home = pt.members.load().home(&digest.to_string()).cloned();
+            let Some(home) = home else {
+                return pull_through(shard, stream, req, digest, &origin, handler).await;
+            };
+            match fetch::request_pull_through(home.http, method, &origin.home_target).await {
+                Ok(resp) => (resp, 0, vec![home]),
+                Err(FetchError::Status(_, status)) => {
+                    tracing::debug!(%digest, home = %home.http, status, "home node could not pull through");
+                    return respond_error(stream, &OciError::NotFound, req, handler).await;
+                }
+                Err(e) => {
+                    // The home is unreachable: fetch it here rather than not at all.
+                    tracing::debug!(%digest, error = %e, "home node unreachable; pulling through here");
+                    return pull_through(shard, stream, req, digest, &origin, handler).await;
+                }
+            }
         }
     };
     let size = resp.content_length;

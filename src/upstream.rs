@@ -1,0 +1,274 @@
+//! The upstream thread: fetches blobs from the registry for [`crate::cache`] transfers.
+//!
+//! One OS thread with its own single-threaded tokio runtime and a reqwest client (rustls, the
+//! system's roots plus `SSL_CERT_FILE`, redirects to blob storage followed). Shards hand it jobs
+//! through a lock-free mailbox and never wait for it: they read the transfer's file as it grows.
+//! Registries that want an anonymous bearer token (Docker Hub, GHCR, MCR...) get one; a registry
+//! that wants credentials gets none from us, the client is told 404 and containerd goes to the
+//! registry itself with its own.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::cache::{BlobCache, Transfer};
+use crate::messages::{mailbox, ControlHandle, ControlRequest, MailboxReceiver, MailboxSender};
+use crate::metrics::{FromLabels, Metrics, OpLabels};
+use crate::oci::Digest;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upstream may pause this long mid-body before the fetch is given up.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One blob to fetch into a transfer.
+pub struct Job {
+    pub url: String,
+    /// `repository:<name>:pull`, for a token when upstream asks for one.
+    pub scope: Option<String>,
+    pub transfer: Arc<Transfer>,
+    pub writer: File,
+}
+
+/// The shards' side.
+#[derive(Clone)]
+pub struct UpstreamHandle {
+    tx: MailboxSender<Job>,
+}
+
+impl UpstreamHandle {
+    pub fn fetch(&self, job: Job) {
+        self.tx.send(job);
+    }
+}
+
+/// Starts the upstream thread.
+pub fn spawn(cache: Arc<BlobCache>, metrics: Metrics, control: ControlHandle) -> anyhow::Result<UpstreamHandle> {
+    let (tx, rx) = mailbox::<Job>();
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("peerd/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::limited(8))
+        .build()?;
+    std::thread::Builder::new().name("peerd-upstream".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "upstream runtime failed; pull-through is off");
+                return;
+            }
+        };
+        let ctx = Arc::new(Upstream { client, cache, metrics, control, tokens: Default::default() });
+        rt.block_on(run(ctx, rx));
+    })?;
+    Ok(UpstreamHandle { tx })
+}
+
+struct Upstream {
+    client: reqwest::Client,
+    cache: Arc<BlobCache>,
+    metrics: Metrics,
+    control: ControlHandle,
+    /// Anonymous bearer tokens by (realm, service, scope), with their expiry.
+    tokens: std::sync::Mutex<HashMap<String, (String, Instant)>>,
+}
+
+async fn run(ctx: Arc<Upstream>, rx: MailboxReceiver<Job>) {
+    loop {
+        let job = rx.recv().await;
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let transfer = job.transfer.clone();
+            let result = fetch(&ctx, job).await;
+            if let Err((reason, _)) = &result {
+                tracing::info!(digest = %transfer.digest, %reason, "pull-through failed");
+            }
+            let ok = result.is_ok();
+            ctx.cache.finish(&transfer, result);
+            if ok {
+                ctx.control.send(ControlRequest::ContentChanged);
+            }
+        });
+    }
+}
+
+/// Why a fetch failed, and whether it failed before the body started.
+type Failure = (String, bool);
+
+async fn fetch(ctx: &Upstream, job: Job) -> Result<(), Failure> {
+    let Job { url, scope, transfer, mut writer } = job;
+    let started = Instant::now();
+    let mut resp = get(ctx, &url, scope.as_deref()).await.map_err(|e| (e, true))?;
+    let size = resp.content_length().ok_or_else(|| ("upstream sent no Content-Length".to_owned(), true))?;
+    transfer.set_size(size);
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    let fetched = ctx.metrics.bytes_fetched.get_or_create(&FromLabels { from: "upstream" }).clone();
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => return Err((format!("reading from upstream: {e}"), false)),
+        };
+        if got + chunk.len() as u64 > size {
+            return Err(("upstream sent more than its Content-Length".into(), false));
+        }
+        writer.write_all(&chunk).map_err(|e| (format!("writing the cache: {e}"), false))?;
+        hasher.update(&chunk);
+        got += chunk.len() as u64;
+        fetched.inc_by(chunk.len() as u64);
+        transfer.advance(chunk.len() as u64);
+    }
+    if got != size {
+        return Err((format!("upstream ended after {got} of {size} bytes"), false));
+    }
+    if Digest::from_sha256(hasher.finalize().into()) != transfer.digest {
+        tracing::warn!(digest = %transfer.digest, %url, "upstream sent bytes that do not match the digest");
+        ctx.metrics.digest_mismatch.get_or_create(&FromLabels { from: "upstream" }).inc();
+        return Err(("digest mismatch".into(), false));
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-6);
+    ctx.metrics
+        .upstream_response_speed
+        .get_or_create(&OpLabels { op: "blob" })
+        .observe(size as f64 / (1024.0 * 1024.0) / secs);
+    Ok(())
+}
+
+/// GET with the anonymous token dance: on a 401 that names a bearer realm, fetch a token for the
+/// scope and try once more.
+async fn get(ctx: &Upstream, url: &str, scope: Option<&str>) -> Result<reqwest::Response, String> {
+    let resp = ctx.client.get(url).send().await.map_err(|e| format!("upstream: {e}"))?;
+    if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+        let challenge = resp
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(BearerChallenge::parse)
+            .ok_or_else(|| "upstream wants credentials peerd does not have".to_owned())?;
+        let token = token(ctx, &challenge, scope).await?;
+        let resp = ctx.client.get(url).bearer_auth(token).send().await.map_err(|e| format!("upstream: {e}"))?;
+        return ok_status(resp);
+    }
+    ok_status(resp)
+}
+
+fn ok_status(resp: reqwest::Response) -> Result<reqwest::Response, String> {
+    if resp.status() == reqwest::StatusCode::OK {
+        Ok(resp)
+    } else {
+        Err(format!("upstream answered {}", resp.status()))
+    }
+}
+
+async fn token(ctx: &Upstream, c: &BearerChallenge, scope: Option<&str>) -> Result<String, String> {
+    let scope = c.scope.as_deref().or(scope);
+    let key = format!("{}|{}|{}", c.realm, c.service.as_deref().unwrap_or(""), scope.unwrap_or(""));
+    if let Some((t, until)) = ctx.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if Instant::now() < *until {
+            return Ok(t.clone());
+        }
+    }
+    let mut query: Vec<(&str, &str)> = Vec::new();
+    if let Some(s) = c.service.as_deref() {
+        query.push(("service", s));
+    }
+    if let Some(s) = scope {
+        query.push(("scope", s));
+    }
+    let resp = ctx.client.get(&c.realm).query(&query).send().await.map_err(|e| format!("token: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("token endpoint answered {}", resp.status()));
+    }
+    let body: serde_json::Value = resp.json().await.map_err(|e| format!("token: {e}"))?;
+    let t = body
+        .get("token")
+        .or_else(|| body.get("access_token"))
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| "token endpoint sent no token".to_owned())?
+        .to_owned();
+    let ttl = body.get("expires_in").and_then(|v| v.as_u64()).unwrap_or(60).clamp(10, 3600);
+    // Renew a little early, so that a token never expires between the check and the request.
+    let until = Instant::now() + Duration::from_secs(ttl - ttl / 5);
+    ctx.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (t.clone(), until));
+    Ok(t)
+}
+
+/// `WWW-Authenticate: Bearer realm="...",service="...",scope="..."`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BearerChallenge {
+    pub realm: String,
+    pub service: Option<String>,
+    pub scope: Option<String>,
+}
+
+impl BearerChallenge {
+    pub fn parse(header: &str) -> Option<Self> {
+        let (scheme, rest) = header.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let mut params = HashMap::new();
+        let mut rest = rest.trim();
+        while !rest.is_empty() {
+            let (name, after) = rest.split_once('=')?;
+            let name = name.trim().to_ascii_lowercase();
+            let after = after.trim_start();
+            let (value, tail) = if let Some(q) = after.strip_prefix('"') {
+                let end = q.find('"')?;
+                (&q[..end], &q[end + 1..])
+            } else {
+                let end = after.find(',').unwrap_or(after.len());
+                (after[..end].trim(), &after[end..])
+            };
+            params.insert(name, value.to_owned());
+            rest = tail.trim_start().trim_start_matches(',').trim_start();
+        }
+        let realm = params.remove("realm")?;
+        if !(realm.starts_with("https://") || realm.starts_with("http://")) {
+            return None;
+        }
+        Some(Self { realm, service: params.remove("service"), scope: params.remove("scope") })
+    }
+}
+
+/// The registry host that serves `ns`: Docker Hub's API lives on another name.
+pub fn api_host(ns: &str) -> &str {
+    match ns {
+        "docker.io" | "index.docker.io" => "registry-1.docker.io",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_challenges() {
+        let c = BearerChallenge::parse(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#,
+        )
+        .unwrap();
+        assert_eq!(c.realm, "https://auth.docker.io/token");
+        assert_eq!(c.service.as_deref(), Some("registry.docker.io"));
+        assert_eq!(c.scope.as_deref(), Some("repository:library/alpine:pull"));
+        let c = BearerChallenge::parse(r#"bearer realm=https://ghcr.io/token, service=ghcr.io"#).unwrap();
+        assert_eq!(c.realm, "https://ghcr.io/token");
+        assert_eq!(c.service.as_deref(), Some("ghcr.io"));
+        assert_eq!(BearerChallenge::parse(r#"Basic realm="x""#), None);
+        assert_eq!(BearerChallenge::parse(r#"Bearer realm="file:///etc/passwd""#), None);
+        assert_eq!(BearerChallenge::parse(r#"Bearer realm="unterminated"#), None);
+        assert_eq!(BearerChallenge::parse("Bearer"), None);
+    }
+
+    #[test]
+    fn docker_hub_is_served_elsewhere() {
+        assert_eq!(api_host("docker.io"), "registry-1.docker.io");
+        assert_eq!(api_host("ghcr.io"), "ghcr.io");
+    }
+}
