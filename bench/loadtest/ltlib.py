@@ -61,13 +61,15 @@ def prom_by(samples, name, label):
 # ---------------------------------------------------------------- registry access log
 
 # Combined format: IP - - [date] "METHOD PATH PROTO" STATUS BYTES "referer" "agent"
-_ACCESS = re.compile(r'^(\S+) \S+ \S+ \[[^\]]*\] "(\S+) (\S+)[^"]*" (\d{3}) (\d+|-)')
+_ACCESS = re.compile(r'^(\S+) \S+ \S+ \[[^\]]*\] "(\S+) (\S+)[^"]*" (\d{3}) (\d+|-)(?: "[^"]*" "([^"]*)")?')
 _BLOB = re.compile(r'^/v2/(.+)/blobs/(sha256:[0-9a-f]{64})(\?.*)?$')
 _MANIFEST = re.compile(r'^/v2/(.+)/manifests/([^?]+)(\?.*)?$')
 
 
 def parse_access(lines):
-    """Registry GETs answered 200/206: [(ip, kind 'blob'|'manifest'|'other', digest or ref, bytes)]."""
+    """Registry GETs answered 200/206: [(ip, kind 'blob'|'manifest'|'other', digest or ref, bytes, by_peerd)].
+
+    `by_peerd`: the request came from peerd's pull-through (its User-Agent), not from containerd."""
     out = []
     for line in lines:
         m = _ACCESS.match(line)
@@ -75,15 +77,16 @@ def parse_access(lines):
             continue
         ip, path, nbytes = m.group(1), m.group(3), m.group(5)
         nbytes = 0 if nbytes == "-" else int(nbytes)
+        by_peerd = (m.group(6) or "").startswith("peerd/")
         b = _BLOB.match(path)
         if b:
-            out.append((ip, "blob", b.group(2), nbytes))
+            out.append((ip, "blob", b.group(2), nbytes, by_peerd))
             continue
         mf = _MANIFEST.match(path)
         if mf:
-            out.append((ip, "manifest", mf.group(2), nbytes))
+            out.append((ip, "manifest", mf.group(2), nbytes, by_peerd))
         else:
-            out.append((ip, "other", path, nbytes))
+            out.append((ip, "other", path, nbytes, by_peerd))
     return out
 
 
