@@ -14,12 +14,14 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::oci::Digest;
 
-/// Readers are woken when this many new bytes arrived (or at the end), not on every chunk.
+/// Readers are woken when this many new bytes arrived, or this long after the last wake (a slow
+/// upstream still trickles through), or at the end -- not on every chunk.
 const WAKE_EVERY: u64 = 256 * 1024;
+const WAKE_AFTER: Duration = Duration::from_millis(20);
 
 /// Where a transfer stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +42,7 @@ struct Progress {
     size: u64,
     written: u64,
     woken_at: u64,
+    woken: Instant,
     wakers: Vec<Waker>,
 }
 
@@ -108,8 +111,9 @@ impl Transfer {
     pub fn advance(&self, n: u64) {
         let mut p = self.lock();
         p.written += n;
-        if p.written - p.woken_at >= WAKE_EVERY {
+        if p.written - p.woken_at >= WAKE_EVERY || p.woken.elapsed() >= WAKE_AFTER {
             p.woken_at = p.written;
+            p.woken = Instant::now();
             wake_all(&mut p);
         }
     }
@@ -191,6 +195,7 @@ impl BlobCache {
                 size: 0,
                 written: 0,
                 woken_at: 0,
+                woken: Instant::now(),
                 wakers: Vec::new(),
             }),
         });
