@@ -71,10 +71,17 @@ impl Members {
     /// XOR space (as Kademlia measures). `None` when that is this node. Nodes that see the same
     /// peers agree, so concurrent misses meet at one node and upstream serves the blob once.
     pub fn home(&self, key: &str) -> Option<&Provider> {
+        self.home_without(key, &[])
+    }
+
+    /// The home of `key` when the peers in `skip` are out (they did not answer): every node that
+    /// found the same peers gone falls back to the same next one.
+    pub fn home_without(&self, key: &str, skip: &[String]) -> Option<&Provider> {
         let k = point(key.as_bytes());
         let mine = distance(&self.me, &k);
         self.peers
             .iter()
+            .filter(|(_, prov)| !skip.contains(&prov.peer_id))
             .map(|(p, prov)| (distance(p, &k), prov))
             .filter(|(d, _)| *d < mine)
             .min_by(|a, b| a.0.cmp(&b.0))
@@ -223,6 +230,20 @@ mod tests {
             assert!(named.iter().all(|n| *n == named[0]), "{key}: {named:?}");
             homes_used.insert(named[0].clone());
         }
+        // With the home gone, every node that noticed names the same next one.
+        let key = "sha256:feed";
+        let first = views[0].home(key).map(|p| p.peer_id.clone()).unwrap_or("p1".into());
+        let next: Vec<String> = views
+            .iter()
+            .enumerate()
+            .filter(|(me, _)| format!("p{}", me + 1) != first)
+            .map(|(me, v)| {
+                v.home_without(key, std::slice::from_ref(&first))
+                    .map(|p| p.peer_id.clone())
+                    .unwrap_or(format!("p{}", me + 1))
+            })
+            .collect();
+        assert!(next.iter().all(|n| *n == next[0] && *n != first), "{first} then {next:?}");
         // And the work spreads over the nodes.
         assert!(homes_used.len() >= 4, "{homes_used:?}");
     }

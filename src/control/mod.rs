@@ -412,6 +412,10 @@ impl Control {
     }
 
     fn on_kad_event(&mut self, ev: kad::Event) {
+        if matches!(ev, kad::Event::RoutingUpdated { .. }) {
+            self.publish_members();
+            return;
+        }
         if let kad::Event::OutboundQueryProgressed { id, result: QueryResult::GetProviders(res), step, .. } = ev {
             if !self.lookups.contains_key(&id) {
                 return;
@@ -430,22 +434,35 @@ impl Control {
         }
     }
 
-    /// Tells the shards which peers can be a digest's home: connected, with a known HTTP
-    /// address, and not penalised.
+    /// Tells the shards which peers can be a digest's home: every peer in the routing table (so
+    /// that nodes connected to different subsets still agree) and every connected one, unless
+    /// penalised. A peer whose data-plane port identify has not told yet is assumed to use ours,
+    /// as every pod of the DaemonSet does.
     fn publish_members(&mut self) {
         let now = Instant::now();
         self.bad_peers.retain(|_, t| now.duration_since(*t) < BAD_PEER_PENALTY);
-        let peers: Vec<(Vec<u8>, Provider)> = self
-            .peers
-            .iter()
-            .filter(|(id, e)| e.connections > 0 && e.http_port.is_some() && !self.bad_peers.contains_key(id))
-            .filter_map(|(id, e)| {
-                let http = SocketAddr::new(e.ip?, e.http_port?);
-                Some((id.to_bytes(), Provider { peer_id: id.to_string(), http }))
-            })
-            .collect();
+        let mut known: HashMap<PeerId, SocketAddr> = HashMap::new();
+        let http_port = self.http_port;
+        let peers = &self.peers;
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                let id = *entry.node.key.preimage();
+                let Some(ip) = entry.node.value.iter().find_map(p2p::ip_of) else { continue };
+                let port = peers.get(&id).and_then(|e| e.http_port).unwrap_or(http_port);
+                known.insert(id, SocketAddr::new(ip, port));
+            }
+        }
+        for (id, e) in &self.peers {
+            if let (true, Some(ip)) = (e.connections > 0, e.ip) {
+                known.insert(*id, SocketAddr::new(ip, e.http_port.unwrap_or(http_port)));
+            }
+        }
+        let members = known
+            .into_iter()
+            .filter(|(id, _)| !self.bad_peers.contains_key(id))
+            .map(|(id, http)| (id.to_bytes(), Provider { peer_id: id.to_string(), http }));
         let me = self.swarm.local_peer_id().to_bytes();
-        self.members.store(Arc::new(Members::new(&me, peers)));
+        self.members.store(Arc::new(Members::new(&me, members)));
     }
 
     fn connected_peers(&self) -> usize {

@@ -18,6 +18,8 @@ use crate::dataplane::http::{PEER_HEADER, PULL_THROUGH_HEADER};
 use crate::messages::Provider;
 use crate::oci::{ByteRange, Digest};
 
+/// Connecting to a peer, on the cluster network.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connecting and receiving a response head from a peer.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(3);
 /// A home node answers once upstream did: connecting, a token, a redirect.
@@ -93,7 +95,11 @@ async fn request_inner(
     range_from: Option<u64>,
     extra: &str,
 ) -> Result<PeerResponse, FetchError> {
-    let mut stream = TcpStream::connect_addr(addr).await.map_err(|e| FetchError::Connect(addr, e))?;
+    // A peer that vanished without a reset must not cost the whole head timeout.
+    let mut stream = match monoio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect_addr(addr)).await {
+        Ok(r) => r.map_err(|e| FetchError::Connect(addr, e))?,
+        Err(_) => return Err(FetchError::Timeout(addr)),
+    };
     let _ = stream.set_nodelay(true);
     let range = range_from.map(|r| format!("Range: bytes={r}-\r\n")).unwrap_or_default();
     let head = format!(

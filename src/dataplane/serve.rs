@@ -315,20 +315,30 @@ async fn serve_blob_from_peers(
                 return respond_error(stream, &OciError::NotFound, req, handler).await;
             };
             // Nobody has it: the digest's home node fetches it from upstream for everyone.
-            let home = pt.members.load().home(&digest.to_string()).cloned();
-            let Some(home) = home else {
-                return pull_through(shard, stream, req, digest, &origin, handler).await;
-            };
-            match fetch::request_pull_through(home.http, method, &origin.home_target).await {
-                Ok(resp) => (resp, 0, vec![home]),
-                Err(FetchError::Status(_, status)) => {
-                    tracing::debug!(%digest, home = %home.http, status, "home node could not pull through");
-                    return respond_error(stream, &OciError::NotFound, req, handler).await;
-                }
-                Err(e) => {
-                    // The home is unreachable: fetch it here rather than not at all.
-                    tracing::debug!(%digest, error = %e, "home node unreachable; pulling through here");
+            let members = pt.members.load();
+            let key = digest.to_string();
+            let mut dead: Vec<String> = Vec::new();
+            loop {
+                let Some(home) = members.home_without(&key, &dead).cloned() else {
                     return pull_through(shard, stream, req, digest, &origin, handler).await;
+                };
+                match fetch::request_pull_through(home.http, method, &origin.home_target).await {
+                    Ok(resp) => break (resp, 0, vec![home]),
+                    Err(FetchError::Status(_, status)) => {
+                        tracing::debug!(%digest, home = %home.http, status, "home node could not pull through");
+                        return respond_error(stream, &OciError::NotFound, req, handler).await;
+                    }
+                    Err(e) if dead.len() < 2 => {
+                        // Gone: leave it out for a while, and ask the next home, as every node that
+                        // finds it gone will.
+                        tracing::debug!(%digest, error = %e, "home node unreachable; trying the next");
+                        shard.control.send(ControlRequest::BadPeer { peer_id: home.peer_id.clone() });
+                        dead.push(home.peer_id);
+                    }
+                    Err(e) => {
+                        tracing::debug!(%digest, error = %e, "home nodes unreachable; pulling through here");
+                        return pull_through(shard, stream, req, digest, &origin, handler).await;
+                    }
                 }
             }
         }
