@@ -24,6 +24,10 @@ have chromium || need+=(chromium)
 have shellcheck || need+=(shellcheck)
 have openssl || need+=(openssl)
 have prometheus || need+=(prometheus)
+# The lab's token server (ci/token_server.py) signs JWTs with it; the lab runs Debian's python.
+py=python3
+[[ -x /usr/bin/python3 ]] && py=/usr/bin/python3
+"$py" -c 'import cryptography' >/dev/null 2>&1 || need+=(python3-cryptography)
 if [[ ${#need[@]} -gt 0 ]]; then
     echo "installing: ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

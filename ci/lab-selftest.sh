@@ -2,7 +2,10 @@
 # Self-test of the peerd lab (no peerd needed): two nodes, a random 2-layer
 # 8 MiB image and a Debian image, pulled on node 1 straight from the registry
 # (the mirror 127.0.0.1:5000 refuses, containerd falls back to the server),
-# checked byte for byte, one registry GET per layer, removed again.
+# checked byte for byte, one registry GET per layer, removed again. Then the
+# TLS registry: a random image pushed with the push credentials, pulled over
+# HTTPS with an anonymous token; with anonymous tokens off, a pull fails
+# without credentials and succeeds with them.
 #
 #   ci/lab-selftest.sh            (KEEP_LAB=1 leaves the lab up at the end)
 set -euo pipefail
@@ -12,6 +15,7 @@ REG=198.18.0.2:5000
 RAND_IMG=$REG/selftest/rand:v1
 DEB_IMG=$REG/selftest/debian:bookworm
 IDX_IMG=$REG/selftest/index:v1
+TLS_IMG=198.18.0.3:5443/selftest/tls:v1
 LAB_STATE=${LAB_DIR:-/var/lib/peerd-lab}
 
 passed=0
@@ -34,7 +38,7 @@ finish() {
         done
     fi
     if [[ ${KEEP_LAB:-0} != 1 ]]; then
-        if "$LAB" down >/dev/null 2>&1 && ! ip netns list | grep -qE '^pd-(reg|node[0-9]+)'; then
+        if "$LAB" down >/dev/null 2>&1 && ! ip netns list | grep -qE '^pd-(reg|tlsreg|node[0-9]+)'; then
             echo "PASS down: no lab namespaces left"
             passed=$((passed + 1))
         else
@@ -152,3 +156,45 @@ fi
 rmi_check 1 "$RAND_IMG" "$rand_out" random
 rmi_check 1 "$DEB_IMG" "$deb_out" debian
 rmi_check 2 "$IDX_IMG" "$idx_out" index
+
+# ---- the TLS registry
+t0=$(now)
+if "$LAB" tls-registry up >/dev/null && "$LAB" tls-registry up >/dev/null 2>&1; then
+    pass "tls-registry up (twice)"
+else
+    fail "tls-registry up"
+    exit 1
+fi
+timing "tls-registry up" "$(elapsed "$t0")"
+st=$("$LAB" status)
+if grep -q '^tls-registry pd-tlsreg .* running token-server .* running' <<<"$st"; then
+    pass "status shows the TLS registry and its token server"
+else
+    fail "status: $(grep tls-registry <<<"$st")"
+fi
+if tls_out=$(TLS_REGISTRY=1 "$LAB" push-random selftest/tls:v1 2 4 2>/dev/null); then
+    pass "push-random to the TLS registry (push token for the credentials)"
+else
+    fail "push-random to the TLS registry"
+    exit 1
+fi
+TLS_REGISTRY=1 pull_check 2 "$TLS_IMG" "$tls_out" "TLS + anonymous token"
+rmi_check 2 "$TLS_IMG" "$tls_out" "TLS image"
+"$LAB" tls-registry tokens users >/dev/null 2>&1
+if "$LAB" pull 1 "$TLS_IMG" >/dev/null 2>&1; then
+    fail "pull without credentials succeeded with anonymous tokens off"
+else
+    pass "pull without credentials fails with anonymous tokens off"
+fi
+creds=$(cat "$LAB_STATE/tls-registry/credentials")
+if "$LAB" pull 1 "$TLS_IMG" --user "$creds" >/dev/null && "$LAB" check 1 "$TLS_IMG" >/dev/null; then
+    pass "pull with credentials with anonymous tokens off"
+else
+    fail "pull with credentials with anonymous tokens off"
+fi
+if "$LAB" tls-registry down >/dev/null 2>&1 && ! ip netns list | grep -q '^pd-tlsreg' &&
+    ! [[ -e $LAB_STATE/node1/certs.d/198.18.0.3:5443 ]]; then
+    pass "tls-registry down"
+else
+    fail "tls-registry down"
+fi

@@ -15,11 +15,28 @@
 #   ci/lab.sh registry-log-count DIGEST
 #   ci/lab.sh push-random REPO:TAG LAYERS SIZE_MIB    (env SEED, NO_MEDIATYPE=1, INDEX=1)
 #   ci/lab.sh push-debian REPO:TAG                    (env NO_MEDIATYPE=1, INDEX=1)
+#   ci/lab.sh tls-registry up|down [--keep]|tokens MODE|env
 #   ci/lab.sh status
 #
 # Addresses (RFC 2544 only): bridge pdbr0 198.18.0.1/24 in the root namespace,
 # registry pd-reg 198.18.0.2:5000, node I pd-nodeI 198.18.0.(10+I).
 # The namespaces have no default route: they can reach 198.18.0.0/24 only.
+#
+# The TLS registry (optional, after `up`: `tls-registry up`) is what real
+# registries are: HTTPS with bearer tokens. Namespace pd-tlsreg, registry
+# https://198.18.0.3:5443, token server https://198.18.0.3:5444/token, both
+# with certificates of a lab CA made with openssl; state in $LAB_DIR/tls-registry:
+#   ca.crt          the CA (each node's hosts.toml names it as `ca`)
+#   ca-bundle.pem   the system's roots plus the CA: SSL_CERT_FILE for peerd
+#   credentials     user:password that gets push tokens (skopeo pushes with it)
+#   access.log      the registry's access log; token.log one JSON line per token request
+# Anyone gets a pull token, as on Docker Hub. `tokens MODE` switches that:
+# anonymous (default), users (only the credentials get tokens), none (403).
+# `env` prints the paths as NAME=value lines. With env TLS_REGISTRY=1,
+# push-random, push-debian, registry-log-count and set-registry-rate act on the
+# TLS registry, and start-peerd adds `--hosts https://198.18.0.3:5443` and runs
+# peerd with SSL_CERT_FILE=ca-bundle.pem; TLS_REGISTRY=untrusted adds the host
+# but peerd gets no SSL_CERT_FILE/SSL_CERT_DIR (it does not trust the CA).
 #
 # Output (stdout; progress and errors go to stderr):
 #   up                   up-seconds <float>
@@ -34,12 +51,15 @@
 #                        config sha256:<hex>
 #                        manifest sha256:<hex>
 #                        index sha256:<hex>  (INDEX=1 only; the tag points at the index)
-#   status               lab-dir, bridge, registry, one `node I ...` line each, snapshotter
+#   tls-registry up      tls-registry <url> ca <path>     (the CA to trust)
+#   status               lab-dir, bridge, registry, tls-registry, one `node I ...` line
+#                        each, snapshotter
 # Failures exit non-zero.
 #
 # Environment: LAB_DIR (default /var/lib/peerd-lab), PEERD_BIN,
 # CARGO_TARGET_DIR, PEERD_CACHE (default /root/.cache/peerd),
-# DEBIAN_MIRROR (default: read from /etc/apt/sources.list*), LAB_VERBOSE=1.
+# DEBIAN_MIRROR (default: read from /etc/apt/sources.list*), LAB_VERBOSE=1,
+# TLS_REGISTRY (see above).
 set -euo pipefail
 
 LAB_DIR=${LAB_DIR:-/var/lib/peerd-lab}
@@ -56,6 +76,14 @@ REG_IP=198.18.0.2
 REG_PORT=5000
 REG_ADDR=$REG_IP:$REG_PORT
 REG_HOSTIF=pdv-reg
+TREG_NS=pd-tlsreg
+TREG_IP=198.18.0.3
+TREG_PORT=5443
+TREG_ADDR=$TREG_IP:$TREG_PORT
+TREG_HOSTIF=pdv-tlsreg
+TOKEN_PORT=5444
+TOKEN_SERVICE=peerd-lab-tls-registry
+TOKEN_ISSUER=peerd-lab-token-server
 K8S_NS=k8s.io
 MAX_NODES=99
 MARKER=.peerd-lab
@@ -236,19 +264,24 @@ rate_burst() {
         printf "%d", b }'
 }
 
+# The registry that push-*, registry-log-count and set-registry-rate act on:
+# plain, or tls (env TLS_REGISTRY=1; main sets it).
+TARGET=plain
+
 cmd_set_registry_rate() {
-    local rate=${1:-none} burst
-    ns_exists "$REG_NS" || die "registry namespace not up"
+    local rate=${1:-none} burst ns=$REG_NS ratef=$RUN_DIR/registry-rate what=registry
+    if [[ $TARGET == tls ]]; then ns=$TREG_NS ratef=$RUN_DIR/tls-registry-rate what="TLS registry"; fi
+    ns_exists "$ns" || die "$what namespace not up"
     if [[ $rate == none || $rate == off ]]; then
-        ip netns exec "$REG_NS" tc qdisc del dev eth0 root >/dev/null 2>&1 || true
-        rm -f "$RUN_DIR/registry-rate"
-        log "registry egress: unlimited"
+        ip netns exec "$ns" tc qdisc del dev eth0 root >/dev/null 2>&1 || true
+        rm -f "$ratef"
+        log "$what egress: unlimited"
         return 0
     fi
     burst=$(rate_burst "$rate") || die "bad rate: $rate (e.g. 100mbit, 1gbit, 50mbps)"
-    ip netns exec "$REG_NS" tc qdisc replace dev eth0 root tbf rate "$rate" burst "$burst" latency 100ms
-    echo "$rate" >"$RUN_DIR/registry-rate"
-    log "registry egress: tbf rate $rate burst $burst"
+    ip netns exec "$ns" tc qdisc replace dev eth0 root tbf rate "$rate" burst "$burst" latency 100ms
+    echo "$rate" >"$ratef"
+    log "$what egress: tbf rate $rate burst $burst"
 }
 
 # ---------------------------------------------------------------- registry
@@ -302,6 +335,253 @@ wait_registry() {
     done
 }
 
+# ---------------------------------------------------------------- TLS registry
+
+treg_dir() { printf '%s/tls-registry' "$LAB_DIR"; }
+tls_running() { lab_pid "$RUN_DIR/tls-registry.pid" "$TREG_NS" >/dev/null; }
+
+# ensure_py_module MODULE PKG: the lab's python can import MODULE (else apt installs PKG).
+ensure_py_module() {
+    "$(python_bin)" -c "import $1" 2>/dev/null && return 0
+    log "installing $2"
+    export DEBIAN_FRONTEND=noninteractive
+    if [[ $APT_UPDATED -eq 0 ]]; then
+        with_proxy apt-get update -q >&2
+        APT_UPDATED=1
+    fi
+    with_proxy apt-get install -y -q --no-install-recommends "$2" >&2
+    "$(python_bin)" -c "import $1" || die "python module $1 still missing after installing $2"
+}
+
+# make_tls_material DIR: the lab CA, the registry's server certificate (signed
+# by the CA), the token signing certificate (self-signed; the registry's
+# rootcertbundle), the CA bundle for peerd, the push credentials. Kept if present.
+make_tls_material() {
+    local d=$1 ext
+    mkdir -p "$d"
+    ext=$d/openssl-ext.cnf
+    cat >"$ext" <<EOF
+[req]
+distinguished_name = dn
+
+[dn]
+
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:$TREG_IP
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+
+[signer]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+subjectKeyIdentifier = hash
+EOF
+    if ! [[ -s $d/ca.crt && -s $d/ca.key ]]; then
+        openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 -subj "/CN=peerd lab CA" \
+            -keyout "$d/ca.key" -out "$d/ca.crt" -config "$ext" -extensions ca \
+            >/dev/null 2>&1 || die "openssl could not make the lab CA"
+        rm -f "$d/server.crt"
+    fi
+    if ! [[ -s $d/server.crt && -s $d/server.key ]]; then
+        openssl req -new -newkey rsa:2048 -nodes -subj "/CN=$TREG_IP" \
+            -keyout "$d/server.key" -out "$d/server.csr" -config "$ext" >/dev/null 2>&1 ||
+            die "openssl could not make the server key"
+        openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+            -sha256 -days 3650 -extfile "$ext" -extensions server -out "$d/server.crt" \
+            >/dev/null 2>&1 || die "openssl could not sign the server certificate"
+        rm -f "$d/server.csr"
+    fi
+    if ! [[ -s $d/token-signer.crt && -s $d/token-signer.key ]]; then
+        openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 -subj "/CN=peerd lab token signer" \
+            -keyout "$d/token-signer.key" -out "$d/token-signer.crt" -config "$ext" \
+            -extensions signer >/dev/null 2>&1 ||
+            die "openssl could not make the token signing certificate"
+    fi
+    chmod 600 "$d/ca.key" "$d/server.key" "$d/token-signer.key"
+    # peerd's SSL_CERT_FILE: the roots it would trust anyway, plus the lab CA.
+    { cat /etc/ssl/certs/ca-certificates.crt 2>/dev/null || true; cat "$d/ca.crt"; } >"$d/ca-bundle.pem.tmp"
+    mv -f "$d/ca-bundle.pem.tmp" "$d/ca-bundle.pem"
+    # skopeo's --dest-cert-dir: a directory of CA files.
+    mkdir -p "$d/certs"
+    cp -f "$d/ca.crt" "$d/certs/ca.crt"
+    if ! [[ -s $d/credentials ]]; then
+        (umask 077 && printf 'lab:%s\n' "$(openssl rand -hex 12)" >"$d/credentials")
+    fi
+}
+
+write_tls_registry_config() {
+    local d=$1
+    mkdir -p "$d/storage"
+    cat >"$d/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  formatter: text
+  fields:
+    service: peerd-lab-tls-registry
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $d/storage
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 0.0.0.0:$TREG_PORT
+  tls:
+    certificate: $d/server.crt
+    key: $d/server.key
+  headers:
+    X-Content-Type-Options: [nosniff]
+auth:
+  token:
+    realm: https://$TREG_IP:$TOKEN_PORT/token
+    service: $TOKEN_SERVICE
+    issuer: $TOKEN_ISSUER
+    rootcertbundle: $d/token-signer.crt
+EOF
+}
+
+# write_tls_hosts I: node I's containerd goes to peerd first, then to the TLS
+# registry itself, trusting the lab CA.
+write_tls_hosts() {
+    local d
+    d=$(node_dir "$1")
+    mkdir -p "$d/certs.d/$TREG_ADDR"
+    cat >"$d/certs.d/$TREG_ADDR/hosts.toml" <<EOF
+server = "https://$TREG_ADDR"
+ca = "$(treg_dir)/ca.crt"
+
+[host."http://127.0.0.1:5000"]
+  capabilities = ["pull", "resolve"]
+EOF
+}
+
+wait_tls_registry() {
+    local d deadline code
+    d=$(treg_dir)
+    deadline=$(($(date +%s) + 20))
+    while :; do
+        # Without a token the registry answers 401 (and names the token realm).
+        code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 2 --cacert "$d/ca.crt" \
+            "https://$TREG_ADDR/v2/" 2>/dev/null || true)
+        if [[ $code == 401 ]] && curl -fsS -o /dev/null --max-time 2 --cacert "$d/ca.crt" \
+            "https://$TREG_IP:$TOKEN_PORT/token?service=$TOKEN_SERVICE" 2>/dev/null; then
+            return 0
+        fi
+        if ! lab_pid "$RUN_DIR/tls-registry.pid" "$TREG_NS" >/dev/null ||
+            ! lab_pid "$RUN_DIR/token-server.pid" "$TREG_NS" >/dev/null || (($(date +%s) >= deadline)); then
+            tail -n 20 "$d/registry.log" "$d/token-server.log" >&2 || true
+            die "TLS registry did not come up on $TREG_ADDR (last /v2/ answer: ${code:-none})"
+        fi
+        sleep 0.1
+    done
+}
+
+tls_registry_up() {
+    local d pid i n t0
+    t0=$(now)
+    if ! ns_exists "$REG_NS" || ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        die "the lab is not up (run: lab.sh up N)"
+    fi
+    ensure_cmds "${BASE_CMDS[@]}" openssl:openssl
+    ensure_py_module cryptography python3-cryptography
+    d=$(treg_dir)
+    take_lock
+    make_tls_material "$d"
+    write_tls_registry_config "$d"
+    [[ -f $d/token-mode ]] || echo anonymous >"$d/token-mode"
+    setup_ns "$TREG_NS" "$TREG_HOSTIF" "$TREG_IP"
+    if pid=$(lab_pid "$RUN_DIR/tls-registry.pid" "$TREG_NS"); then
+        log "TLS registry already running (pid $pid)"
+    else
+        # As for the plain registry: access log on stdout, application log on stderr.
+        setsid ip netns exec "$TREG_NS" docker-registry serve "$d/config.yml" \
+            >>"$d/access.log" 2>>"$d/registry.log" </dev/null 9>&- &
+        echo $! >"$RUN_DIR/tls-registry.pid"
+    fi
+    if pid=$(lab_pid "$RUN_DIR/token-server.pid" "$TREG_NS"); then
+        log "token server already running (pid $pid)"
+    else
+        touch "$d/token.log"
+        spawn "$TREG_NS" "$d/token-server.log" "$RUN_DIR/token-server.pid" \
+            "$(python_bin)" "$SCRIPT_DIR/token_server.py" --listen "$TREG_IP:$TOKEN_PORT" \
+            --tls-cert "$d/server.crt" --tls-key "$d/server.key" \
+            --sign-cert "$d/token-signer.crt" --sign-key "$d/token-signer.key" \
+            --issuer "$TOKEN_ISSUER" --service "$TOKEN_SERVICE" \
+            --credentials "$d/credentials" --mode-file "$d/token-mode" --log "$d/token.log"
+    fi
+    wait_tls_registry
+    n=$(node_count)
+    for ((i = 1; i <= n; i++)); do write_tls_hosts "$i"; done
+    log "TLS registry up: https://$TREG_ADDR, tokens https://$TREG_IP:$TOKEN_PORT/token" \
+        "($(cat "$d/token-mode")), CA $d/ca.crt, $(elapsed "$t0") s"
+    echo "tls-registry https://$TREG_ADDR ca $d/ca.crt"
+}
+
+# stop_tls_registry: processes, namespace, link, the nodes' hosts.toml for it.
+stop_tls_registry() {
+    local d
+    stop_pidfile "$RUN_DIR/token-server.pid" "token server" "$TREG_NS"
+    stop_pidfile "$RUN_DIR/tls-registry.pid" "TLS registry" "$TREG_NS"
+    kill_ns "$TREG_NS"
+    if ns_exists "$TREG_NS"; then ip netns del "$TREG_NS"; fi
+    ip link del "$TREG_HOSTIF" >/dev/null 2>&1 || true
+    rm -f "$RUN_DIR/tls-registry-rate"
+    for d in "$LAB_DIR"/node*/certs.d/"$TREG_ADDR"; do
+        [[ -d $d ]] && rm -rf "$d"
+    done
+    return 0
+}
+
+cmd_tls_registry() {
+    local sub=${1:-} mode d
+    check_lab_dir
+    d=$(treg_dir)
+    case $sub in
+        up) tls_registry_up ;;
+        down)
+            take_lock
+            stop_tls_registry
+            if [[ ${2:-} != --keep && -e $LAB_DIR/$MARKER && -d $d ]]; then
+                rm -rf --one-file-system "$d"
+            fi
+            log "TLS registry down${2:+ (state kept in $d)}"
+            ;;
+        tokens)
+            mode=${2:-}
+            [[ $mode =~ ^(anonymous|users|none)$ ]] || die "usage: tls-registry tokens anonymous|users|none"
+            [[ -d $d ]] || die "no TLS registry (run: lab.sh tls-registry up)"
+            echo "$mode" >"$d/token-mode.tmp"
+            mv -f "$d/token-mode.tmp" "$d/token-mode"
+            log "token server: $mode"
+            ;;
+        env)
+            [[ -s $d/ca.crt ]] || die "no TLS registry (run: lab.sh tls-registry up)"
+            echo "TLS_REGISTRY_ADDR=$TREG_ADDR"
+            echo "TLS_REGISTRY_URL=https://$TREG_ADDR"
+            echo "TLS_TOKEN_URL=https://$TREG_IP:$TOKEN_PORT/token"
+            echo "TLS_CA=$d/ca.crt"
+            echo "TLS_CA_BUNDLE=$d/ca-bundle.pem"
+            echo "TLS_CREDENTIALS=$d/credentials"
+            echo "TLS_ACCESS_LOG=$d/access.log"
+            echo "TLS_TOKEN_LOG=$d/token.log"
+            ;;
+        *) die "usage: tls-registry up|down [--keep]|tokens anonymous|users|none|env" ;;
+    esac
+}
+
 # ---------------------------------------------------------------- nodes
 
 write_node_config() {
@@ -343,6 +623,7 @@ server = "http://$REG_ADDR"
 [host."http://127.0.0.1:5000"]
   capabilities = ["pull", "resolve"]
 EOF
+    if tls_running; then write_tls_hosts "$i"; fi
 }
 
 setup_node() {
@@ -488,14 +769,16 @@ do_down() {
         stop_pidfile "$d/containerd.pid" "containerd ${d##*/}" "pd-${d##*/}"
     done
     stop_pidfile "$RUN_DIR/registry.pid" registry "$REG_NS"
+    stop_pidfile "$RUN_DIR/token-server.pid" "token server" "$TREG_NS"
+    stop_pidfile "$RUN_DIR/tls-registry.pid" "TLS registry" "$TREG_NS"
     # Whatever else still runs inside the lab's namespaces, then the namespaces.
     while read -r ns _; do
-        [[ $ns =~ ^pd-(reg|node[0-9]+)$ ]] || continue
+        [[ $ns =~ ^pd-(reg|tlsreg|node[0-9]+)$ ]] || continue
         kill_ns "$ns"
         ip netns del "$ns" 2>/dev/null || true
     done < <(ip netns list 2>/dev/null)
     while read -r link; do
-        if [[ $link =~ ^pdv-(reg|n[0-9]+)$ ]]; then ip link del "$link" 2>/dev/null || true; fi
+        if [[ $link =~ ^pdv-(reg|tlsreg|n[0-9]+)$ ]]; then ip link del "$link" 2>/dev/null || true; fi
     done < <(ip -o link show 2>/dev/null | awk -F': ' '{ sub(/@.*/, "", $2); print $2 }')
     if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
     # Unmount anything left mounted under the lab's directories (deepest first).
@@ -505,7 +788,7 @@ do_down() {
         'index($2 "/", a) == 1 || index($2 "/", b) == 1 { print $2 }' /proc/self/mounts | sort -r)
     rm -rf --one-file-system "$RUN_DIR"
     if [[ $keep != keep && -e $LAB_DIR/$MARKER ]]; then
-        for i in "$LAB_DIR"/node* "$LAB_DIR/registry"; do
+        for i in "$LAB_DIR"/node* "$LAB_DIR/registry" "$LAB_DIR/tls-registry"; do
             [[ -e $i ]] && rm -rf --one-file-system "$i"
         done
     fi
@@ -555,7 +838,17 @@ cmd_start_peerd() {
         ((j == i)) || peers+=("$(node_ip "$j"):5003")
     done
     local bootstrap arg
-    local -a bootstrap_flag
+    local -a bootstrap_flag tls_flags=() tls_env=()
+    # TLS_REGISTRY=1: mirror the TLS registry too, trusting its CA; =untrusted: without the CA.
+    if env_flag TLS_REGISTRY; then
+        tls_running || die "TLS_REGISTRY=$TLS_REGISTRY but the TLS registry is not up (run: lab.sh tls-registry up)"
+        tls_flags=(--hosts "https://$TREG_ADDR")
+        if [[ $TLS_REGISTRY == untrusted ]]; then
+            tls_env=(-u SSL_CERT_FILE -u SSL_CERT_DIR)
+        else
+            tls_env=("SSL_CERT_FILE=$(treg_dir)/ca-bundle.pem")
+        fi
+    fi
     bootstrap=$(IFS=,; printf '%s' "${peers[*]}")
     bootstrap_flag=(--bootstrap "static:$bootstrap")
     # An explicit --bootstrap among the extra flags replaces the lab's static list.
@@ -566,7 +859,7 @@ cmd_start_peerd() {
     [[ -f $d/peerd.log ]] && mv -f "$d/peerd.log" "$d/peerd.log.prev"
     t0=$(now)
     spawn "$(node_ns "$i")" "$d/peerd.log" "$r/peerd.pid" \
-        env RUST_BACKTRACE="${RUST_BACKTRACE:-1}" "$bin" run \
+        env "${tls_env[@]}" RUST_BACKTRACE="${RUST_BACKTRACE:-1}" "$bin" run \
         --http-addr 0.0.0.0:5000 \
         --router-addr 0.0.0.0:5003 \
         --prom-addr 0.0.0.0:5004 \
@@ -574,6 +867,7 @@ cmd_start_peerd() {
         --content-dir "$(node_content "$i")" \
         --containerd-namespace "$K8S_NS" \
         --hosts "http://$REG_ADDR" \
+        "${tls_flags[@]}" \
         --data-dir "$d/peerd" \
         "${bootstrap_flag[@]}" \
         "$@"
@@ -718,6 +1012,7 @@ cmd_registry_log_count() {
     [[ $digest =~ ^[a-z0-9]+:[a-f0-9]+$ ]] || die "bad digest: $digest"
     check_lab_dir
     f=$LAB_DIR/registry/access.log
+    [[ $TARGET == tls ]] && f=$(treg_dir)/access.log
     [[ -f $f ]] || { echo 0; return 0; }
     # Combined log format: ... "GET /v2/<name>/blobs/<digest>[?query] HTTP/1.1" 200 <bytes> ...
     grep -cE "\"GET /v2/[^ \"]+/blobs/$digest(\\?[^ \"]*)? HTTP/[0-9.]+\" (200|206) " "$f" || true
@@ -741,14 +1036,28 @@ split_ref() {
 
 env_flag() { [[ -n ${!1:-} && ${!1} != 0 && ${!1} != false && ${!1} != no ]]; }
 
-# skopeo_push LAYOUT TAG: push oci:LAYOUT:TAG to the lab registry as REF_REPO:REF_TAG.
+# push_addr: where push-* push to.
+push_addr() { if [[ $TARGET == tls ]]; then printf '%s' "$TREG_ADDR"; else printf '%s' "$REG_ADDR"; fi; }
+
+# skopeo_push LAYOUT TAG: push oci:LAYOUT:TAG to the lab registry as REF_REPO:REF_TAG
+# (to the TLS registry with TARGET=tls: verified against the lab CA, with the push credentials).
 skopeo_push() {
-    local layout=$1 all=()
-    curl -fsS -o /dev/null --max-time 2 "http://$REG_ADDR/v2/" 2>/dev/null ||
-        die "registry $REG_ADDR is not reachable (run: lab.sh up N)"
+    local layout=$1 all=() dest=() d
     env_flag INDEX && all=(--all)
-    skopeo copy --quiet --preserve-digests --dest-tls-verify=false "${all[@]}" \
-        "oci:$layout:$REF_TAG" "docker://$REG_ADDR/$REF_REPO:$REF_TAG" >&2
+    if [[ $TARGET == tls ]]; then
+        check_lab_dir
+        d=$(treg_dir)
+        if ! tls_running || ! [[ -s $d/credentials ]]; then
+            die "the TLS registry is not up (run: lab.sh tls-registry up)"
+        fi
+        dest=(--dest-cert-dir "$d/certs" --dest-creds "$(cat "$d/credentials")")
+    else
+        curl -fsS -o /dev/null --max-time 2 "http://$REG_ADDR/v2/" 2>/dev/null ||
+            die "registry $REG_ADDR is not reachable (run: lab.sh up N)"
+        dest=(--dest-tls-verify=false)
+    fi
+    skopeo copy --quiet --preserve-digests "${dest[@]}" "${all[@]}" \
+        "oci:$layout:$REF_TAG" "docker://$(push_addr)/$REF_REPO:$REF_TAG" >&2
 }
 
 cmd_push_random() {
@@ -769,7 +1078,7 @@ cmd_push_random() {
     log "generated $layout in $(elapsed "$t0") s"
     t0=$(now)
     skopeo_push "$layout"
-    log "pushed $REG_ADDR/$REF_REPO:$REF_TAG in $(elapsed "$t0") s"
+    log "pushed $(push_addr)/$REF_REPO:$REF_TAG in $(elapsed "$t0") s"
     printf '%s\n' "$out"
 }
 
@@ -864,7 +1173,7 @@ cmd_push_debian() {
     log "image layout ready in $(elapsed "$t0") s"
     t0=$(now)
     skopeo_push "$layout"
-    log "pushed $REG_ADDR/$REF_REPO:$REF_TAG in $(elapsed "$t0") s"
+    log "pushed $(push_addr)/$REF_REPO:$REF_TAG in $(elapsed "$t0") s"
     printf '%s\n' "$out"
 }
 
@@ -887,6 +1196,14 @@ cmd_status() {
     fi
     rate=$(cat "$RUN_DIR/registry-rate" 2>/dev/null || echo none)
     echo "registry $REG_NS $REG_ADDR $(proc_state "$RUN_DIR/registry.pid" "$REG_NS") rate $rate"
+    if ns_exists "$TREG_NS"; then
+        rate=$(cat "$RUN_DIR/tls-registry-rate" 2>/dev/null || echo none)
+        echo "tls-registry $TREG_NS https://$TREG_ADDR $(proc_state "$RUN_DIR/tls-registry.pid" "$TREG_NS")" \
+            "token-server https://$TREG_IP:$TOKEN_PORT/token $(proc_state "$RUN_DIR/token-server.pid" "$TREG_NS")" \
+            "tokens $(cat "$(treg_dir)/token-mode" 2>/dev/null || echo anonymous) rate $rate ca $(treg_dir)/ca.crt"
+    else
+        echo "tls-registry absent"
+    fi
     n=$(node_count)
     for ((i = 1; i <= n; i++)); do
         echo "node $i $(node_ns "$i") $(node_ip "$i") containerd $(proc_state "$(node_run "$i")/containerd.pid" "$(node_ns "$i")")" \
@@ -906,6 +1223,10 @@ main() {
     local sub=$1
     shift
     case $sub in
+        push-random | push-debian | registry-log-count | set-registry-rate)
+            if env_flag TLS_REGISTRY; then TARGET=tls; fi ;;
+    esac
+    case $sub in
         install) cmd_install ;;
         up) cmd_up "$@" ;;
         down) cmd_down "$@" ;;
@@ -919,6 +1240,7 @@ main() {
         registry-log-count) cmd_registry_log_count "$@" ;;
         push-random) cmd_push_random "$@" ;;
         push-debian) cmd_push_debian "$@" ;;
+        tls-registry) cmd_tls_registry "$@" ;;
         status) cmd_status ;;
         -h | --help | help) usage ;;
         *) die "unknown subcommand: $sub (see lab.sh help)" ;;

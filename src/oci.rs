@@ -104,6 +104,12 @@ pub enum OciError {
     /// The path is not part of the pull API.
     #[error("not found")]
     NotFound,
+    /// No node has the blob (and upstream did not give it to us): containerd goes to its next host.
+    #[error("blob unknown to this mirror")]
+    BlobUnknown,
+    /// No node has the manifest or tag: containerd goes to its next host.
+    #[error("manifest unknown to this mirror")]
+    ManifestUnknown,
     /// A write method: this mirror is pull-only.
     #[error("this registry mirror is pull-only")]
     Unsupported,
@@ -126,7 +132,7 @@ impl OciError {
         match self {
             OciError::NameInvalid(_) | OciError::DigestInvalid(_) | OciError::TagInvalid => 400,
             OciError::BadRequest(_) => 400,
-            OciError::NotFound => 404,
+            OciError::NotFound | OciError::BlobUnknown | OciError::ManifestUnknown => 404,
             OciError::Unsupported => 405,
             OciError::RegistryDenied(_) => 403,
             OciError::HeadersTooLarge => 431,
@@ -140,6 +146,8 @@ impl OciError {
             OciError::DigestInvalid(_) => "DIGEST_INVALID",
             OciError::TagInvalid => "MANIFEST_INVALID",
             OciError::NotFound => "NOT_FOUND",
+            OciError::BlobUnknown => "BLOB_UNKNOWN",
+            OciError::ManifestUnknown => "MANIFEST_UNKNOWN",
             OciError::Unsupported => "UNSUPPORTED",
             OciError::RegistryDenied(_) => "DENIED",
             OciError::BadRequest(_) | OciError::HeadersTooLarge => "UNSUPPORTED",

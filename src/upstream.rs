@@ -112,7 +112,7 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<(), Failure> {
         let chunk = match resp.chunk().await {
             Ok(Some(c)) => c,
             Ok(None) => break,
-            Err(e) => return Err((format!("reading from upstream: {e}"), false)),
+            Err(e) => return Err((format!("reading from upstream: {}", chain(&e)), false)),
         };
         if got + chunk.len() as u64 > size {
             return Err(("upstream sent more than its Content-Length".into(), false));
@@ -142,7 +142,7 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<(), Failure> {
 /// GET with the anonymous token dance: on a 401 that names a bearer realm, fetch a token for the
 /// scope and try once more.
 async fn get(ctx: &Upstream, url: &str, scope: Option<&str>) -> Result<reqwest::Response, String> {
-    let resp = ctx.client.get(url).send().await.map_err(|e| format!("upstream: {e}"))?;
+    let resp = ctx.client.get(url).send().await.map_err(|e| format!("upstream: {}", chain(&e)))?;
     if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
         let challenge = resp
             .headers()
@@ -151,10 +151,27 @@ async fn get(ctx: &Upstream, url: &str, scope: Option<&str>) -> Result<reqwest::
             .and_then(BearerChallenge::parse)
             .ok_or_else(|| "upstream wants credentials peerd does not have".to_owned())?;
         let token = token(ctx, &challenge, scope).await?;
-        let resp = ctx.client.get(url).bearer_auth(token).send().await.map_err(|e| format!("upstream: {e}"))?;
+        let resp =
+            ctx.client.get(url).bearer_auth(token).send().await.map_err(|e| format!("upstream: {}", chain(&e)))?;
         return ok_status(resp);
     }
     ok_status(resp)
+}
+
+/// An error with its causes: reqwest's own message leaves out why (a TLS handshake, a refused
+/// connection), and that is what an operator needs.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 fn ok_status(resp: reqwest::Response) -> Result<reqwest::Response, String> {
@@ -180,11 +197,11 @@ async fn token(ctx: &Upstream, c: &BearerChallenge, scope: Option<&str>) -> Resu
     if let Some(s) = scope {
         query.push(("scope", s));
     }
-    let resp = ctx.client.get(&c.realm).query(&query).send().await.map_err(|e| format!("token: {e}"))?;
+    let resp = ctx.client.get(&c.realm).query(&query).send().await.map_err(|e| format!("token: {}", chain(&e)))?;
     if !resp.status().is_success() {
         return Err(format!("token endpoint answered {}", resp.status()));
     }
-    let body: serde_json::Value = resp.json().await.map_err(|e| format!("token: {e}"))?;
+    let body: serde_json::Value = resp.json().await.map_err(|e| format!("token: {}", chain(&e)))?;
     let t = body
         .get("token")
         .or_else(|| body.get("access_token"))

@@ -172,7 +172,7 @@ async fn serve_blob(
                 Some(o) if req.from_peer && req.pull_through => {
                     pull_through(shard, stream, req, digest, &o, handler).await
                 }
-                _ if req.from_peer => respond_error(stream, &OciError::NotFound, req, handler).await,
+                _ if req.from_peer => respond_error(stream, &OciError::BlobUnknown, req, handler).await,
                 origin => serve_blob_from_peers(shard, stream, req, digest, target, origin, handler).await,
             }
         }
@@ -190,7 +190,7 @@ async fn pull_through(
     handler: Handler,
 ) -> Outcome {
     let Some(pt) = shard.pull_through.as_ref() else {
-        return respond_error(stream, &OciError::NotFound, req, handler).await;
+        return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
     };
     let transfer = match pt.cache.begin(digest) {
         Ok(Begin::Joined(t)) => t,
@@ -208,7 +208,7 @@ async fn pull_through(
         Ok(Begin::Cached) => return Box::pin(serve_blob(shard, stream, req, digest, "", None, handler)).await,
         Err(e) => {
             tracing::warn!(%digest, error = %e, "cannot start a pull-through");
-            return respond_error(stream, &OciError::NotFound, req, handler).await;
+            return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
         }
     };
     serve_transfer(shard, stream, req, transfer, handler).await
@@ -225,11 +225,11 @@ async fn serve_transfer(
 ) -> Outcome {
     let head = t.wait_head().await;
     if let State::Failed { before_body: true, .. } = head.state {
-        return respond_error(stream, &OciError::NotFound, req, handler).await;
+        return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
     }
     if let State::Failed { .. } = head.state {
         // Failed mid-body before this request promised anything: it can still go elsewhere.
-        return respond_error(stream, &OciError::NotFound, req, handler).await;
+        return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
     }
     let size = head.size;
     let range = match oci::parse_range(req.range.as_deref(), size) {
@@ -312,7 +312,7 @@ async fn serve_blob_from_peers(
         Err(e) => {
             tracing::debug!(%digest, error = %e, "no peer has it");
             let (Some(origin), Some(pt)) = (origin, shard.pull_through.as_ref()) else {
-                return respond_error(stream, &OciError::NotFound, req, handler).await;
+                return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
             };
             // Nobody has it: the digest's home node fetches it from upstream for everyone.
             let members = pt.members.load();
@@ -326,7 +326,7 @@ async fn serve_blob_from_peers(
                     Ok(resp) => break (resp, 0, vec![home]),
                     Err(FetchError::Status(_, status)) => {
                         tracing::debug!(%digest, home = %home.http, status, "home node could not pull through");
-                        return respond_error(stream, &OciError::NotFound, req, handler).await;
+                        return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
                     }
                     Err(e) if dead.len() < 2 => {
                         // Gone: leave it out for a while, and ask the next home, as every node that
@@ -402,7 +402,7 @@ async fn serve_manifest(
     if let Reference::Tag(tag) = reference {
         // A re-pushed `latest` must not stay pinned to whichever copy the cluster saw first.
         if tag == "latest" && !shard.cfg.resolve_latest_tag {
-            return respond_error(stream, &OciError::NotFound, req, handler).await;
+            return respond_error(stream, &OciError::ManifestUnknown, req, handler).await;
         }
     }
     let registry = registry.or(shard.cfg.default_registry.as_deref());
@@ -413,7 +413,7 @@ async fn serve_manifest(
         None => manifest_from_peers(shard, name, reference, registry).await,
     };
     let Some(body) = body else {
-        return respond_error(stream, &OciError::NotFound, req, handler).await;
+        return respond_error(stream, &OciError::ManifestUnknown, req, handler).await;
     };
     let d = body.digest.to_string();
     let headers = [("Content-Type", body.media_type.as_str()), ("Docker-Content-Digest", d.as_str())];
