@@ -19,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::oci::Digest;
 
 /// Readers are woken when this many new bytes arrived, or this long after the last wake (a slow
-/// upstream still trickles through), or at the end -- not on every chunk.
+/// upstream still trickles through), or at the end -- not on every write.
 const WAKE_EVERY: u64 = 256 * 1024;
-const WAKE_AFTER: Duration = Duration::from_millis(20);
+const WAKE_AFTER: Duration = Duration::from_millis(10);
 
 /// Where a transfer stands.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -100,6 +100,17 @@ pub fn io_uring_available() -> Result<(), io::Error> {
 
 /// Raises the soft open-file limit to the hard one: every client, peer and blob is an fd, and
 /// the usual soft limit of 1024 would let a few idle clients lock real pulls out.
+/// Bytes an unprivileged writer can still put on the filesystem that holds `file`.
+pub fn free_bytes(file: &impl AsRawFd) -> io::Result<u64> {
+    // SAFETY: fstatvfs writes only into the zeroed struct we own; the fd is open for the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 pub fn raise_fd_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit read or write exactly one rlimit struct we own.

@@ -24,6 +24,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upstream may pause this long mid-body before the fetch is given up.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Bytes the cache's filesystem keeps free beyond a blob before the blob is fetched.
+const MIN_FREE_BYTES: u64 = 512 << 20;
+/// Arriving bytes are written to the cache (and readers woken) in steps of this size...
+const WRITE_EVERY: usize = 256 * 1024;
+/// ...or this long after the previous step, whichever comes first.
+const WRITE_AFTER: Duration = Duration::from_millis(10);
+
 /// One blob to fetch into a transfer.
 pub struct Job {
     pub url: String,
@@ -104,10 +111,21 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<(), Failure> {
     let started = Instant::now();
     let mut resp = get(ctx, &url, scope.as_deref()).await.map_err(|e| (e, true))?;
     let size = resp.content_length().ok_or_else(|| ("upstream sent no Content-Length".to_owned(), true))?;
+    // A full disk must not turn into broken pulls: refuse before promising a body, and the client
+    // goes to the registry itself.
+    match crate::sys::free_bytes(&writer) {
+        Ok(free) if free < size.saturating_add(MIN_FREE_BYTES) => {
+            return Err((format!("{size} bytes do not fit the cache ({free} bytes free)"), true));
+        }
+        _ => {}
+    }
     transfer.set_size(size);
     let mut hasher = Sha256::new();
     let mut got = 0u64;
     let fetched = ctx.metrics.bytes_fetched.get_or_create(&FromLabels { from: "upstream" }).clone();
+    // Chunks are small (a few KiB); write and tell readers in larger steps, or after a pause.
+    let mut pending: Vec<u8> = Vec::with_capacity(WRITE_EVERY);
+    let mut last_write = Instant::now();
     loop {
         let chunk = match resp.chunk().await {
             Ok(Some(c)) => c,
@@ -117,12 +135,16 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<(), Failure> {
         if got + chunk.len() as u64 > size {
             return Err(("upstream sent more than its Content-Length".into(), false));
         }
-        writer.write_all(&chunk).map_err(|e| (format!("writing the cache: {e}"), false))?;
         hasher.update(&chunk);
         got += chunk.len() as u64;
         fetched.inc_by(chunk.len() as u64);
-        transfer.advance(chunk.len() as u64);
+        pending.extend_from_slice(&chunk);
+        if pending.len() >= WRITE_EVERY || last_write.elapsed() >= WRITE_AFTER {
+            flush(&mut writer, &mut pending, &transfer)?;
+            last_write = Instant::now();
+        }
     }
+    flush(&mut writer, &mut pending, &transfer)?;
     if got != size {
         return Err((format!("upstream ended after {got} of {size} bytes"), false));
     }
@@ -136,6 +158,16 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<(), Failure> {
         .upstream_response_speed
         .get_or_create(&OpLabels { op: "blob" })
         .observe(size as f64 / (1024.0 * 1024.0) / secs);
+    Ok(())
+}
+
+fn flush(writer: &mut File, pending: &mut Vec<u8>, transfer: &Transfer) -> Result<(), Failure> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    writer.write_all(pending).map_err(|e| (format!("writing the cache: {e}"), false))?;
+    transfer.advance(pending.len() as u64);
+    pending.clear();
     Ok(())
 }
 

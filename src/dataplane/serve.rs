@@ -170,7 +170,7 @@ async fn serve_blob(
                 // The digest's home node, asked by a peer: fetch it from upstream, never ask the
                 // network again.
                 Some(o) if req.from_peer && req.pull_through => {
-                    pull_through(shard, stream, req, digest, &o, handler).await
+                    pull_through(shard, stream, req, digest, target, &o, handler).await
                 }
                 _ if req.from_peer => respond_error(stream, &OciError::BlobUnknown, req, handler).await,
                 origin => serve_blob_from_peers(shard, stream, req, digest, target, origin, handler).await,
@@ -181,11 +181,13 @@ async fn serve_blob(
 
 /// Fetches `digest` from upstream on this node (or joins the fetch already running) and serves
 /// it as it arrives.
+#[allow(clippy::too_many_arguments)]
 async fn pull_through(
     shard: &Rc<Shard>,
     stream: &mut TcpStream,
     req: &Request,
     digest: &Digest,
+    target: &str,
     origin: &Origin,
     handler: Handler,
 ) -> Outcome {
@@ -205,7 +207,7 @@ async fn pull_through(
             t
         }
         // It landed in the cache in the meantime.
-        Ok(Begin::Cached) => return Box::pin(serve_blob(shard, stream, req, digest, "", None, handler)).await,
+        Ok(Begin::Cached) => return Box::pin(serve_blob(shard, stream, req, digest, target, None, handler)).await,
         Err(e) => {
             tracing::warn!(%digest, error = %e, "cannot start a pull-through");
             return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
@@ -320,7 +322,7 @@ async fn serve_blob_from_peers(
             let mut dead: Vec<String> = Vec::new();
             loop {
                 let Some(home) = members.home_without(&key, &dead).cloned() else {
-                    return pull_through(shard, stream, req, digest, &origin, handler).await;
+                    return pull_through(shard, stream, req, digest, target, &origin, handler).await;
                 };
                 match fetch::request_pull_through(home.http, method, &origin.home_target).await {
                     Ok(resp) => break (resp, 0, vec![home]),
@@ -337,7 +339,7 @@ async fn serve_blob_from_peers(
                     }
                     Err(e) => {
                         tracing::debug!(%digest, error = %e, "home nodes unreachable; pulling through here");
-                        return pull_through(shard, stream, req, digest, &origin, handler).await;
+                        return pull_through(shard, stream, req, digest, target, &origin, handler).await;
                     }
                 }
             }
