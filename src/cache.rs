@@ -12,6 +12,7 @@ use std::fs::File;
 use std::future::poll_fn;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
@@ -120,8 +121,22 @@ impl Transfer {
 
     fn finish(&self, state: State) {
         let mut p = self.lock();
-        p.state = state;
+        // Verified is final: readers may already have sent their last byte.
+        if p.state != State::Verified {
+            p.state = state;
+        }
         wake_all(&mut p);
+    }
+
+    /// Every byte arrived and matched: readers may send their last byte now, while the writer
+    /// still makes the copy durable before it moves into the cache.
+    pub fn mark_verified(&self) {
+        self.finish(State::Verified);
+    }
+
+    /// The body started: a client may have been promised it.
+    pub fn is_started(&self) -> bool {
+        self.lock().state != State::Connecting
     }
 }
 
@@ -145,6 +160,21 @@ pub enum Begin {
 pub struct BlobCache {
     dir: PathBuf,
     inflight: Mutex<HashMap<Digest, Arc<Transfer>>>,
+    /// Bytes promised to transfers in flight that are not on disk yet: a free-space check must
+    /// count them, or transfers started together each see the same free space.
+    reserved: Arc<AtomicU64>,
+}
+
+/// Disk space held for one transfer until it ends.
+pub struct Reservation {
+    bytes: u64,
+    reserved: Arc<AtomicU64>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl BlobCache {
@@ -157,7 +187,23 @@ impl BlobCache {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        Ok(Self { dir, inflight: Mutex::new(HashMap::new()) })
+        Ok(Self { dir, inflight: Mutex::new(HashMap::new()), reserved: Arc::default() })
+    }
+
+    /// Holds `size` bytes for a transfer if the filesystem has room for them, beyond what other
+    /// transfers hold and `keep_free`. `free` is the filesystem's free space now.
+    pub fn reserve(&self, size: u64, free: u64, keep_free: u64) -> Result<Reservation, u64> {
+        let mut held = self.reserved.load(Ordering::Relaxed);
+        loop {
+            let available = free.saturating_sub(held);
+            if available < size.saturating_add(keep_free) {
+                return Err(available);
+            }
+            match self.reserved.compare_exchange_weak(held, held + size, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(Reservation { bytes: size, reserved: self.reserved.clone() }),
+                Err(now) => held = now,
+            }
+        }
     }
 
     fn final_path(&self, digest: &Digest) -> PathBuf {
@@ -223,6 +269,14 @@ impl BlobCache {
             }
         };
         t.finish(state);
+        map.remove(&t.digest);
+    }
+
+    /// Ends a verified transfer without keeping its copy; readers keep reading its fd.
+    pub fn discard(&self, t: &Transfer) {
+        let mut map = self.map();
+        let _ = std::fs::remove_file(&t.partial);
+        t.finish(State::Verified);
         map.remove(&t.digest);
     }
 }
@@ -293,6 +347,19 @@ mod tests {
         assert_eq!(Transfer::sendable(&s(State::Verified, 10), 10), 10);
         // A window that ends early also waits for its own last byte.
         assert_eq!(Transfer::sendable(&s(State::Receiving, 8), 5), 4);
+    }
+
+    #[test]
+    fn transfers_started_together_share_the_free_space() {
+        let dir = std::env::temp_dir().join(format!("peerd-cache-reserve-{}", std::process::id()));
+        let cache = BlobCache::new(&dir).unwrap();
+        let a = cache.reserve(600, 1000, 100).expect("room for the first");
+        assert_eq!(cache.reserve(600, 1000, 100).err(), Some(400), "the second must see the first's share");
+        let b = cache.reserve(300, 1000, 100).expect("room for a smaller one");
+        drop(a);
+        assert!(cache.reserve(500, 1000, 100).is_ok(), "an ended transfer gives its share back");
+        drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -134,6 +134,13 @@ pub fn keep_verified(store: &ContentStore, index: &mut LocalIndex, verified: &mu
             still.insert(d.clone(), stamp);
             true
         } else {
+            // A torn or damaged pull-through copy would be served to this node's containerd and
+            // kept forever (a cached blob is never fetched again): drop it.
+            if !store.blob_path(d).is_file() {
+                if let Some(c) = store.cache_path(d) {
+                    let _ = std::fs::remove_file(c);
+                }
+            }
             bad.push(d.clone());
             false
         }

@@ -61,14 +61,10 @@ pub fn spawn(cache: Arc<BlobCache>, metrics: Metrics, control: ControlHandle) ->
         .read_timeout(READ_TIMEOUT)
         .redirect(reqwest::redirect::Policy::limited(8))
         .build()?;
+    // Built here, not on the thread: a runtime that cannot start fails `spawn`, instead of
+    // leaving jobs queued that no one will ever run.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("peerd-upstream".into()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!(error = %e, "upstream runtime failed; pull-through is off");
-                return;
-            }
-        };
         let ctx = Arc::new(Upstream { client, cache, metrics, control, tokens: Default::default() });
         rt.block_on(run(ctx, rx));
     })?;
@@ -90,12 +86,32 @@ async fn run(ctx: Arc<Upstream>, rx: MailboxReceiver<Job>) {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let transfer = job.transfer.clone();
+            let ending = Ending { cache: ctx.cache.clone(), transfer: transfer.clone(), done: false };
             let result = fetch(&ctx, job).await;
+            let result = match result {
+                Ok(writer) => {
+                    // Readers finish now; the cache copy is made durable beside them, so that a
+                    // crash cannot leave a torn file that looks complete.
+                    transfer.mark_verified();
+                    let synced = match tokio::task::spawn_blocking(move || writer.sync_data()).await {
+                        Ok(r) => r,
+                        Err(e) => Err(std::io::Error::other(e)),
+                    };
+                    if let Err(e) = synced {
+                        // The readers have the right bytes; only the cache copy is not kept.
+                        tracing::warn!(digest = %transfer.digest, error = %e, "could not keep a pulled-through blob");
+                        ending.discard();
+                        return;
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
             if let Err((reason, _)) = &result {
                 tracing::info!(digest = %transfer.digest, %reason, "pull-through failed");
             }
             let ok = result.is_ok();
-            ctx.cache.finish(&transfer, result);
+            ending.finish(result);
             if ok {
                 ctx.control.send(ControlRequest::ContentChanged);
             }
@@ -103,22 +119,56 @@ async fn run(ctx: Arc<Upstream>, rx: MailboxReceiver<Job>) {
     }
 }
 
+/// Ends a transfer exactly once: with the fetch's result, or as failed if the task is dropped
+/// without one, so that no reader ever waits on a transfer nobody feeds.
+struct Ending {
+    cache: Arc<BlobCache>,
+    transfer: Arc<Transfer>,
+    done: bool,
+}
+
+impl Ending {
+    fn finish(mut self, result: Result<(), Failure>) {
+        self.done = true;
+        self.cache.finish(&self.transfer, result);
+    }
+
+    /// Verified, but not to be kept.
+    fn discard(mut self) {
+        self.done = true;
+        self.cache.discard(&self.transfer);
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        if !self.done {
+            let before_body = !self.transfer.is_started();
+            self.cache.finish(&self.transfer, Err(("the fetch was abandoned".into(), before_body)));
+        }
+    }
+}
+
 /// Why a fetch failed, and whether it failed before the body started.
 type Failure = (String, bool);
 
-async fn fetch(ctx: &Upstream, job: Job) -> Result<(), Failure> {
+/// Fetches the job's blob into its transfer; the writer comes back once every byte is written
+/// and matched the digest.
+async fn fetch(ctx: &Upstream, job: Job) -> Result<File, Failure> {
     let Job { url, scope, transfer, mut writer } = job;
     let started = Instant::now();
     let mut resp = get(ctx, &url, scope.as_deref()).await.map_err(|e| (e, true))?;
     let size = resp.content_length().ok_or_else(|| ("upstream sent no Content-Length".to_owned(), true))?;
     // A full disk must not turn into broken pulls: refuse before promising a body, and the client
-    // goes to the registry itself.
-    match crate::sys::free_bytes(&writer) {
-        Ok(free) if free < size.saturating_add(MIN_FREE_BYTES) => {
-            return Err((format!("{size} bytes do not fit the cache ({free} bytes free)"), true));
-        }
-        _ => {}
-    }
+    // goes to the registry itself. Transfers in flight hold their share of the free space.
+    let _space = match crate::sys::free_bytes(&writer) {
+        Ok(free) => Some(
+            ctx.cache
+                .reserve(size, free, MIN_FREE_BYTES)
+                .map_err(|avail| (format!("{size} bytes do not fit the cache ({avail} bytes free)"), true))?,
+        ),
+        Err(_) => None,
+    };
     transfer.set_size(size);
     let mut hasher = Sha256::new();
     let mut got = 0u64;
@@ -127,7 +177,20 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<(), Failure> {
     let mut pending: Vec<u8> = Vec::with_capacity(WRITE_EVERY);
     let mut last_write = Instant::now();
     loop {
-        let chunk = match resp.chunk().await {
+        // Bytes held back for a larger write go out when upstream pauses, not when it resumes.
+        let next = if pending.is_empty() {
+            resp.chunk().await
+        } else {
+            match tokio::time::timeout(WRITE_AFTER.saturating_sub(last_write.elapsed()), resp.chunk()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    flush(&mut writer, &mut pending, &transfer)?;
+                    last_write = Instant::now();
+                    continue;
+                }
+            }
+        };
+        let chunk = match next {
             Ok(Some(c)) => c,
             Ok(None) => break,
             Err(e) => return Err((format!("reading from upstream: {}", chain(&e)), false)),
@@ -158,7 +221,7 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<(), Failure> {
         .upstream_response_speed
         .get_or_create(&OpLabels { op: "blob" })
         .observe(size as f64 / (1024.0 * 1024.0) / secs);
-    Ok(())
+    Ok(writer)
 }
 
 fn flush(writer: &mut File, pending: &mut Vec<u8>, transfer: &Transfer) -> Result<(), Failure> {

@@ -26,12 +26,14 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(3);
 const PULL_THROUGH_HEAD_TIMEOUT: Duration = Duration::from_secs(15);
 /// A peer that sends nothing for this long mid-body is given up for another.
 const STALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// A home node relays upstream, which may pause as long as the upstream thread tolerates.
+const PULL_THROUGH_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 const BUF_SIZE: usize = 256 * 1024;
 
 /// Why a peer could not serve.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    /// The peer refused or reset the connection.
+    /// The peer refused the connection or did not accept it in time: it is likely gone.
     #[error("connecting to peer {0}: {1}")]
     Connect(SocketAddr, std::io::Error),
     /// The peer did not answer in time.
@@ -63,6 +65,8 @@ pub struct PeerResponse {
     pub total: u64,
     /// Body bytes that arrived together with the head.
     leftover: Vec<u8>,
+    /// How long the body may pause before this peer is given up.
+    stall: Duration,
 }
 
 /// Sends one request to a peer and reads its response head.
@@ -73,7 +77,7 @@ pub async fn request(
     range_from: Option<u64>,
 ) -> Result<PeerResponse, FetchError> {
     match monoio::time::timeout(HEAD_TIMEOUT, request_inner(addr, method, target, range_from, "")).await {
-        Ok(r) => r,
+        Ok(r) => r.map(|r| r.with_stall(STALL_TIMEOUT)),
         Err(_) => Err(FetchError::Timeout(addr)),
     }
 }
@@ -83,7 +87,7 @@ pub async fn request(
 pub async fn request_pull_through(addr: SocketAddr, method: &str, target: &str) -> Result<PeerResponse, FetchError> {
     let extra = format!("{PULL_THROUGH_HEADER}: 1\r\n");
     match monoio::time::timeout(PULL_THROUGH_HEAD_TIMEOUT, request_inner(addr, method, target, None, &extra)).await {
-        Ok(r) => r,
+        Ok(r) => r.map(|r| r.with_stall(PULL_THROUGH_STALL_TIMEOUT)),
         Err(_) => Err(FetchError::Timeout(addr)),
     }
 }
@@ -98,7 +102,9 @@ async fn request_inner(
     // A peer that vanished without a reset must not cost the whole head timeout.
     let mut stream = match monoio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect_addr(addr)).await {
         Ok(r) => r.map_err(|e| FetchError::Connect(addr, e))?,
-        Err(_) => return Err(FetchError::Timeout(addr)),
+        Err(_) => {
+            return Err(FetchError::Connect(addr, std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer")))
+        }
     };
     let _ = stream.set_nodelay(true);
     let range = range_from.map(|r| format!("Range: bytes={r}-\r\n")).unwrap_or_default();
@@ -157,6 +163,7 @@ async fn request_inner(
             range_start,
             total,
             leftover,
+            stall: STALL_TIMEOUT,
         });
     }
 }
@@ -170,6 +177,11 @@ fn parse_content_range(v: Option<&str>) -> Option<(u64, u64)> {
 }
 
 impl PeerResponse {
+    fn with_stall(mut self, stall: Duration) -> Self {
+        self.stall = stall;
+        self
+    }
+
     /// Reads the next piece of the body into `buf` (cleared first). `Ok(0)` at the end.
     async fn read_chunk(&mut self, mut buf: Vec<u8>) -> (Result<usize, FetchError>, Vec<u8>) {
         buf.clear();
@@ -178,7 +190,7 @@ impl PeerResponse {
             self.leftover.clear();
             return (Ok(buf.len()), buf);
         }
-        match monoio::time::timeout(STALL_TIMEOUT, self.stream.read(buf)).await {
+        match monoio::time::timeout(self.stall, self.stream.read(buf)).await {
             Ok((Ok(n), b)) => (Ok(n), b),
             Ok((Err(e), b)) => (Err(FetchError::Io(self.addr, e)), b),
             Err(_) => (Err(FetchError::Timeout(self.addr)), Vec::with_capacity(BUF_SIZE)),
@@ -285,7 +297,10 @@ pub async fn relay_blob(
     // The piece to send next, as (buffer, start, end); written only once the following piece
     // has arrived, or after verification for the last one.
     let mut pending: Option<(Vec<u8>, usize, usize)> = None;
+    // Failures in a row, without a byte between them: progress resets it.
     let mut failures = 0;
+    // A resumed body may pause as long as the first one could (a home node relaying upstream).
+    let stall = resp.stall;
     while offset < size {
         let (res, buf) = resp.read_chunk(spare).await;
         let mut buf = buf;
@@ -301,7 +316,7 @@ pub async fn relay_blob(
                 }
                 match first_response(providers, provider + 1, "GET", target, Some(offset), hedge).await {
                     Ok((r, p)) if r.range_start == offset && r.total == size => {
-                        resp = r;
+                        resp = r.with_stall(stall);
                         provider = p;
                         spare = buf;
                         continue;
@@ -310,6 +325,7 @@ pub async fn relay_blob(
                 }
             }
         };
+        failures = 0;
         // A peer that sends past the size is cut off at the size; the digest judges the rest.
         let n = n.min((size - offset) as usize);
         buf.truncate(n);

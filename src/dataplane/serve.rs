@@ -234,6 +234,13 @@ async fn serve_transfer(
         return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
     }
     let size = head.size;
+    if size == 0 {
+        // No body to hold the last byte of: the head itself waits for the verdict.
+        let end = t.wait(|s| s.state == State::Verified).await;
+        if end.state != State::Verified {
+            return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
+        }
+    }
     let range = match oci::parse_range(req.range.as_deref(), size) {
         Ok(r) => r,
         Err(e) => return respond_error(stream, &e, req, handler).await,
@@ -330,22 +337,36 @@ async fn serve_blob_from_peers(
                         tracing::debug!(%digest, home = %home.http, status, "home node could not pull through");
                         return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
                     }
-                    Err(e) if dead.len() < 2 => {
+                    Err(e @ FetchError::Connect(..)) if dead.len() < 2 => {
                         // Gone: leave it out for a while, and ask the next home, as every node that
                         // finds it gone will.
                         tracing::debug!(%digest, error = %e, "home node unreachable; trying the next");
                         shard.control.send(ControlRequest::BadPeer { peer_id: home.peer_id.clone() });
                         dead.push(home.peer_id);
                     }
-                    Err(e) => {
+                    Err(e @ FetchError::Connect(..)) => {
                         tracing::debug!(%digest, error = %e, "home nodes unreachable; pulling through here");
                         return pull_through(shard, stream, req, digest, target, &origin, handler).await;
+                    }
+                    Err(e) => {
+                        // It took the request but has not answered: upstream may just be slow for
+                        // it, so it is not held against it, and a second fetch is not started
+                        // beside it. containerd goes to the registry itself.
+                        tracing::debug!(%digest, home = %home.http, error = %e, "home node did not answer in time");
+                        return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
                     }
                 }
             }
         }
     };
     let size = resp.content_length;
+    if size == 0 && *digest != Digest::of(b"") {
+        // An empty body cannot be the blob asked for, and nothing would be left to verify.
+        tracing::warn!(%digest, peer = %resp.addr, "peer sent an empty body for a non-empty blob");
+        shard.metrics.digest_mismatch.get_or_create(&FromLabels { from: "peer" }).inc();
+        shard.control.send(ControlRequest::BadPeer { peer_id: providers[idx].peer_id.clone() });
+        return respond_error(stream, &OciError::BlobUnknown, req, handler).await;
+    }
     let range = match oci::parse_range(req.range.as_deref(), size) {
         Ok(r) => r,
         Err(e) => return respond_error(stream, &e, req, handler).await,

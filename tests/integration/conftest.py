@@ -337,7 +337,7 @@ class Lab:
         env = dict(os.environ)
         env["PEERD_BIN"] = str(self.peerd_bin)
         env["LAB_DIR"] = str(LAB_DIR)
-        for k in ("NO_MEDIATYPE", "INDEX", "SEED"):
+        for k in ("NO_MEDIATYPE", "INDEX", "SEED", "TLS_REGISTRY"):
             env.pop(k, None)
         env.update(extra or {})
         return env
@@ -525,6 +525,40 @@ class Lab:
             f"node {i} to advertise {img.ref} (advertised_keys >= {want})",
         )
 
+    def pull_from_registry(self, i: int, img, timeout: float = 240) -> subprocess.CompletedProcess:
+        """Pulls on node i straight from the registry, as if there were no mirror: containerd gets no
+        hosts.toml that names peerd. peerd only sees the new content in containerd; no peerd
+        fetches anything, so no pull-through cache holds the image afterwards."""
+        ref = img.ref if isinstance(img, Image) else img
+        # ctr takes the last --hosts-dir given: this empty one, after lab.sh's own; the registry is
+        # then asked directly (over plain HTTP, as the lab's registry speaks).
+        hosts_dir = LAB_DIR / f"node{i}" / "certs.registry-only"
+        hosts_dir.mkdir(parents=True, exist_ok=True)
+        return self.run("pull", i, ref, "--hosts-dir", str(hosts_dir), "--plain-http", timeout=timeout)
+
+    def seed(self, i: int, img: Image, timeout: float = 20):
+        """Makes node i the only holder of `img`, the way it was before pull-through: a pull straight
+        from the registry, then (bounded) until node i's peerd announces it. Tests of the peer path
+        use it so that which node serves what does not depend on where pull-through put a blob."""
+        before = metrics(i).get("peerd_advertised_keys")
+        self.pull_from_registry(i, img)
+        want = before + img.min_keys
+        wait_for(
+            lambda: metrics(i).get("peerd_advertised_keys") >= want,
+            timeout,
+            f"node {i} to advertise {img.ref} (advertised_keys >= {want})",
+        )
+
+    def cache_file(self, i: int, digest: str, partial: bool = False) -> Path:
+        """Where node i's peerd keeps a blob it pulled through from upstream."""
+        algo, hexd = digest.split(":", 1)
+        return LAB_DIR / f"node{i}" / "peerd" / "cache" / algo / (hexd + (".partial" if partial else ""))
+
+    def registry_blob_file(self, digest: str) -> Path:
+        """The registry's own copy of a blob (its filesystem storage driver serves it as is)."""
+        algo, hexd = digest.split(":", 1)
+        return LAB_DIR / "registry" / "storage" / "docker" / "registry" / "v2" / "blobs" / algo / hexd[:2] / hexd / "data"
+
     def check(self, i: int, img) -> str:
         ref = img.ref if isinstance(img, Image) else img
         res = self.run("check", i, ref, timeout=120, check=False)
@@ -546,6 +580,23 @@ class Lab:
 
     def set_registry_rate(self, rate: str):
         self.run("set-registry-rate", rate)
+
+    def bytes_acked_to(self, server: int, client_ip: str) -> int:
+        """Bytes that peerd on node `server` has had acknowledged on one connection from `client_ip`
+        (the largest such connection): how far a transfer to that client has come."""
+        res = self.exec(server, "ss", "-Htni", "state", "established", "( sport = :5000 )", check=False, timeout=10)
+        total = 0
+        peer = None
+        for line in res.stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 4 and not line.startswith((" ", "\t")):
+                # recv-q send-q local peer
+                peer = fields[3].rsplit(":", 1)[0]
+                continue
+            m = re.search(r"bytes_acked:(\d+)", line)
+            if m and peer == client_ip:
+                total = max(total, int(m.group(1)))
+        return total
 
     def exec(self, i: int, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         return self.run("exec", i, *cmd, check=check, timeout=timeout)

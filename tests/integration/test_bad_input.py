@@ -180,7 +180,7 @@ def test_idle_and_slow_loris_connections_do_not_block_a_pull(lab):
     if soft < IDLE + LORIS + 200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, IDLE + LORIS + 1024), hard))
     img = lab.push_random("flood", layers=2, size_mib=16)
-    lab.pull_and_advertise(2, img)  # node 1 will fetch it from node 2 through its own (busy) peerd
+    lab.seed(2, img)  # node 1 will fetch it from node 2 (its only holder) through its own (busy) peerd
     host = node_ip(NODE)
     peer_before = metrics(NODE).get("peerd_bytes_served_total", source="peer")
     idle, loris_socks, loris = [], [], None

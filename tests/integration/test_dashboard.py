@@ -59,7 +59,7 @@ def _mib(text: str) -> float:
 
 def test_dashboard_shows_a_pull_from_peers(lab):
     img = lab.push_random("dashboard", layers=2, size_mib=32)
-    lab.pull_and_advertise(1, img)
+    lab.seed(1, img)  # node 1 alone holds it: node 2 pulls all of it from a peer
     url = f"http://{node_ip(2)}:{METRICS_PORT}/dashboard"
 
     before = _render(url, "--dump-dom")

@@ -1,29 +1,17 @@
 """Failures around a pull: serving peers killed or frozen mid-transfer, corrupt bytes from a peer,
-content removed from the only peer."""
+content removed from the only peer.
 
+The nodes that serve are seeded straight from the registry (`lab.seed`), so that they are the only
+holders: a pull through peerd would also leave blobs in the pull-through caches of their home nodes,
+and the node under test might then never ask the peer that fails. (Failures of a pull-through itself
+are in test_pull_through.py.)"""
+
+import hashlib
 import os
-import re
 
 from conftest import MIB, http, metrics, wait_for
 
 SHAPED_RATE = "400mbit"  # peer egress while a pull runs: slow enough to be caught mid-transfer
-
-
-def _bytes_sent_to(lab, server: int, client_ip: str) -> int:
-    """Bytes that peerd on `server` has had acknowledged on connections from `client_ip`."""
-    res = lab.exec(server, "ss", "-Htni", "state", "established", "( sport = :5000 )", check=False, timeout=10)
-    total = 0
-    peer = None
-    for line in res.stdout.splitlines():
-        fields = line.split()
-        if len(fields) >= 4 and not line.startswith((" ", "\t")):
-            # recv-q send-q local peer
-            peer = fields[3].rsplit(":", 1)[0]
-            continue
-        m = re.search(r"bytes_acked:(\d+)", line)
-        if m and peer == client_ip:
-            total = max(total, int(m.group(1)))
-    return total
 
 
 def _shape(lab, node: int, rate: str | None):
@@ -35,8 +23,8 @@ def _shape(lab, node: int, rate: str | None):
 
 def test_serving_peer_killed_mid_transfer(lab):
     img = lab.push_random("killed", layers=1, size_mib=256)
-    lab.pull_and_advertise(1, img)
-    lab.pull_and_advertise(2, img)
+    lab.seed(1, img)
+    lab.pull_and_advertise(2, img)  # from node 1
     layer = img.layers[0]
     # From now on the registry is slow and the peers are faster but not instant, so that the
     # transfer to node 3 can be caught in the middle.
@@ -48,12 +36,12 @@ def test_serving_peer_killed_mid_transfer(lab):
         client = "198.18.0.13"
         # Whichever of nodes 1 and 2 streams the layer to node 3 gets killed once 16 MiB are through.
         server = wait_for(
-            lambda: next((n for n in (1, 2) if _bytes_sent_to(lab, n, client) > 16 * MIB), None),
+            lambda: next((n for n in (1, 2) if lab.bytes_acked_to(n, client) > 16 * MIB), None),
             60,
             "node 1 or node 2 to be streaming the layer to node 3",
             interval=0.02,
         )
-        sent = _bytes_sent_to(lab, server, client)
+        sent = lab.bytes_acked_to(server, client)
         lab.stop_peerd(server, "KILL")
         res = lab.finish(pull, timeout=240)
         assert res.returncode == 0, f"pull on node 3 failed after node {server} died:\n{res.stdout}\n{res.stderr[-3000:]}"
@@ -63,7 +51,7 @@ def test_serving_peer_killed_mid_transfer(lab):
             _shape(lab, n, None)
         lab.set_registry_rate("none")
     lab.check(3, img)
-    upstream = lab.registry_log_count(layer) - 1
+    upstream = lab.registry_log_count(layer) - 1  # node 1's seed was the first
     print(f"node {server} killed after {sent} bytes; node 3 finished from "
           f"{'the registry' if upstream else 'the surviving peer'}")
 
@@ -87,7 +75,7 @@ def _containerd_ingests(lab, node):
 
 def _corrupt_on_node1(lab, name):
     img = lab.push_random(name, layers=2, size_mib=16)
-    lab.pull_and_advertise(1, img)
+    lab.seed(1, img)
     _corrupt_middle(lab.content_file(1, img.layers[0]))
     return img
 
@@ -139,11 +127,11 @@ def test_pull_retried_after_a_corrupt_peer_succeeds(lab):
 
 def test_sole_serving_peer_killed_mid_transfer_falls_back_to_registry(lab):
     img = lab.push_random("sole", layers=1, size_mib=64)
-    lab.pull_and_advertise(1, img)
+    lab.seed(1, img)
     try:
         _shape(lab, 1, "100mbit")
         pull = lab.spawn("pull", 2, img.ref)
-        wait_for(lambda: _bytes_sent_to(lab, 1, "198.18.0.12") > 8 * MIB, 60, "node 1 to stream the layer to node 2", interval=0.02)
+        wait_for(lambda: lab.bytes_acked_to(1, "198.18.0.12") > 8 * MIB, 60, "node 1 to stream the layer to node 2", interval=0.02)
         lab.stop_peerd(1, "KILL")
         res = lab.finish(pull, timeout=240)
         assert res.returncode == 0, f"pull on node 2 failed after its only peer died:\n{res.stderr[-3000:]}"
@@ -157,7 +145,7 @@ def test_frozen_peer_does_not_stall_a_pull(lab):
     import signal
 
     img = lab.push_random("frozen", layers=2, size_mib=8)
-    lab.pull_and_advertise(1, img)
+    lab.seed(1, img)
     pid = lab.peerd_pid(1)
     assert pid
     os.kill(pid, signal.SIGSTOP)
@@ -170,17 +158,26 @@ def test_frozen_peer_does_not_stall_a_pull(lab):
 
 
 def test_content_removed_from_the_only_peer(lab):
-    """After node 1 deletes an image, node 2 stops offering it (HEAD and GET 404) and pulls from the registry."""
+    """After node 1 deletes an image, it offers it to nobody; node 2's HEAD and GET still agree and
+    serve the exact bytes, now from the registry through pull-through, and node 2 pulls the image
+    with one more registry download per layer."""
     img = lab.push_random("removed", layers=2, size_mib=4)
-    lab.pull_and_advertise(1, img)
-    path = f"/v2/{img.repo}/blobs/{img.layers[0]}?ns=198.18.0.2:5000"
+    lab.seed(1, img)
+    layer = img.layers[0]
+    path = f"/v2/{img.repo}/blobs/{layer}?ns=198.18.0.2:5000"
     assert http(2, "HEAD", path).status == 200
     keys = metrics(1).get("peerd_advertised_keys")
     lab.rmi(1, img)
     wait_for(lambda: metrics(1).get("peerd_advertised_keys") <= keys - img.min_keys, 20, "node 1 to withdraw the image")
     for method in ("HEAD", "GET"):
-        r = http(2, method, path)
-        assert r.status == 404, (method, r)
+        r = http(1, method, path, headers={"X-Peerd-Peer": "1"})
+        assert r.status == 404, f"node 1 still offers the deleted layer to peers: {method} {r}"
+    head = http(2, "HEAD", path)
+    get = http(2, "GET", path, timeout=60)
+    assert head.status == get.status == 200, (head, get)
+    assert head.header("content-length") == get.header("content-length") == str(len(get.body))
+    assert "sha256:" + hashlib.sha256(get.body).hexdigest() == layer
     lab.pull(2, img)
     lab.check(2, img)
-    assert all(lab.registry_log_count(d) == 2 for d in img.layers)
+    counts = {d: lab.registry_log_count(d) for d in img.layers}
+    assert all(n == 2 for n in counts.values()), f"registry GETs per layer (node 1's seed, then one pull-through): {counts}"

@@ -34,7 +34,7 @@ def _sysctl_set(value: str):
 
 def test_auto_falls_back_to_epoll_when_io_uring_is_disabled(lab):
     img = lab.push_random("nouring", layers=2, size_mib=8)
-    lab.pull_and_advertise(1, img)
+    lab.seed(1, img)  # node 1 alone holds it: node 3 serves it from a peer
     node = 3
     previous = _sysctl_get()
     try:

@@ -18,9 +18,6 @@ CONTRACT = {
     "peerd_advertised_keys": "gauge",
     "peerd_peers": "gauge",
 }
-# peerd never downloads from the registry itself (a miss is a 404 and containerd goes there), so
-# nothing is ever observed in the upstream speed histogram.
-NEVER_OBSERVED = {"peerd_upstream_response_speed_mib_per_second"}
 
 
 def _types(node):
@@ -46,11 +43,12 @@ def test_health_and_readiness(lab, node):
 
 def test_metric_names_are_the_contract(lab):
     img = lab.push_random("metrics", layers=1, size_mib=2)
-    lab.pull_and_advertise(1, img)
-    lab.pull(2, img)  # node 2 now has fetched from a peer and served requests
+    upstream_before = _upstream_totals()
+    lab.pull_and_advertise(1, img)  # through pull-through: the blobs' home nodes fetched from upstream
+    lab.pull(2, img)  # node 2 now has fetched from a peer or its cache, and served requests
     text, types = _types(2)
     for name, kind in CONTRACT.items():
-        if name in NEVER_OBSERVED or name == "peerd_digest_mismatch_total":
+        if name == "peerd_digest_mismatch_total":
             continue  # the mismatch counter: see the test below and test_failover
         assert _type_of(types, name, kind) == kind, f"{name}: want a {kind}, the scrape says {_type_of(types, name, kind)!r}"
     for family, labels in [
@@ -64,6 +62,21 @@ def test_metric_names_are_the_contract(lab):
         assert samples, f"no samples of {family}"
         assert all(all(f'{k}="' in s for k in labels) for s in samples), samples[:3]
     assert metrics(2).get("peerd_peer_discovery_duration_seconds_count") >= 1
+    # The upstream side, on whichever nodes were the blobs' homes.
+    speeds, fetched, served = (a - b for a, b in zip(_upstream_totals(), upstream_before))
+    assert speeds >= 1, "no upstream fetch observed in peerd_upstream_response_speed_mib_per_second{op=\"blob\"}"
+    assert fetched >= img.layer_bytes, f'peerd_bytes_fetched_total{{from="upstream"}} went up by {fetched}'
+    assert served >= img.layer_bytes, f'peerd_bytes_served_total{{source="upstream"}} went up by {served}'
+
+
+def _upstream_totals():
+    """Cluster-wide (upstream fetches timed, bytes fetched from upstream, bytes served as upstream)."""
+    scrapes = [metrics(i) for i in range(1, NODES + 1)]
+    return (
+        sum(m.get("peerd_upstream_response_speed_mib_per_second_count", op="blob") for m in scrapes),
+        sum(m.get("peerd_bytes_fetched_total", **{"from": "upstream"}) for m in scrapes),
+        sum(m.get("peerd_bytes_served_total", source="upstream") for m in scrapes),
+    )
 
 
 def test_alerting_counters_exist_before_their_first_event(lab):

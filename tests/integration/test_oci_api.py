@@ -21,10 +21,10 @@ BLOB_HEADERS = ("content-length", "content-type", "docker-content-digest", "acce
 
 @pytest.fixture(scope="module")
 def image_on_node1(lab):
-    """A two-layer image that only node 1 holds."""
+    """A two-layer image that only node 1 holds (pulled past peerd: no pull-through cache has it)."""
     lab.restore()
     img = lab.push_random("api", layers=2, size_mib=4)
-    lab.pull_and_advertise(1, img)
+    lab.seed(1, img)
     return img
 
 
@@ -92,6 +92,8 @@ def test_head_200_on_a_peer_blob_means_get_serves(lab, image_on_node1):
 
 
 def test_unknown_blob_is_404_for_head_and_get(lab, image_on_node1):
+    """No peer has it and the registry answers 404 to the pull-through: 404, so that containerd
+    goes on to the registry itself."""
     path = oci_path("blobs", image_on_node1.repo, "sha256:" + "e" * 64)
     head = http(2, "HEAD", path)
     get = http(2, "GET", path)
@@ -122,7 +124,7 @@ def test_manifest_without_mediatype_gets_the_real_media_type(lab, index):
     assert "mediaType" not in json.loads(img.manifest_bytes)
     if index:
         assert "mediaType" not in json.loads(img.index_bytes)
-    lab.pull_and_advertise(1, img)
+    lab.seed(1, img)
     for node in (1, 2):  # node 1 from its store, node 2 through node 1
         _check_manifest(node, img.repo, img.manifest, img.manifest, img.manifest_bytes, OCI_MANIFEST)
         if index:
@@ -155,7 +157,8 @@ def test_latest_tag_goes_upstream_unless_resolved(lab):
             assert r.status == 404, (node, method, r)
         # The same manifest by digest is served as usual.
         assert http(node, "HEAD", oci_path("manifests", img.repo, img.manifest)).status == 200
-    # A pull of :latest on node 2 resolves the tag at the registry, and takes the blobs from node 1.
+    # A pull of :latest on node 2 resolves the tag at the registry, and takes the blobs from node 1
+    # (or the pull-through caches of node 1's pull): no second download of the layer.
     before = _registry_manifest_requests(lab, img.repo, "latest", node_ip(2))
     lab.pull(2, img)
     lab.check(2, img)
@@ -205,7 +208,7 @@ def test_streaming_path_serves_ranges_by_digest(lab, image_on_node1, node):
 def big_image_on_node1(lab):
     lab.restore()
     img = lab.push_random("abort", layers=1, size_mib=48)
-    lab.pull_and_advertise(1, img)
+    lab.seed(1, img)
     return img
 
 

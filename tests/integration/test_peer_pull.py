@@ -1,4 +1,9 @@
-"""Pulling through peerd: the first node gets the image from the registry, the others from peers."""
+"""Pulling through peerd: the first node gets the image from the registry, the others from peers.
+
+Node 1 pulls straight from the registry (`lab.seed`), so that the peer path is all that nodes 2
+and 3 can use: with pull-through, node 1's pull through peerd would leave some blobs in the caches of
+their home nodes, and nodes 2 and 3 could serve those from their own cache. (The same spread with
+pull-through is in test_pull_through.py.)"""
 
 from conftest import NODES, metrics
 
@@ -12,8 +17,8 @@ def _pull_through_peers(lab, img):
     before = {i: (_served(i, "peer"), _served(i, "local")) for i in nodes}
     fetched_before = {i: metrics(i).get("peerd_bytes_fetched_total", **{"from": "peer"}) for i in nodes}
 
-    # Node 1: nobody has the image yet, peerd answers 404 and containerd goes to the registry.
-    lab.pull_and_advertise(1, img)
+    # Node 1 gets the image from the registry, past peerd; its peerd announces it.
+    lab.seed(1, img)
     # Node 2 can only get it from node 1; node 3 from node 1 or node 2.
     lab.pull_and_advertise(2, img)
     lab.pull(3, img)
@@ -30,7 +35,7 @@ def _pull_through_peers(lab, img):
     size = img.layer_bytes
     assert peer_delta[2] >= size, f"node 2 served {peer_delta[2]} bytes from peers, want >= {size}"
     assert peer_delta[3] >= size, f"node 3 served {peer_delta[3]} bytes from peers, want >= {size}"
-    assert peer_delta[1] == 0, f"node 1 had nobody to fetch from, yet served {peer_delta[1]} bytes from peers"
+    assert peer_delta[1] == 0, f"node 1 pulled from the registry, yet served {peer_delta[1]} bytes from peers"
     assert local_delta[1] >= size, f"node 1 served {local_delta[1]} bytes of its local content, want >= {size}"
     assert local_delta[1] + local_delta[2] >= 2 * size, f"local bytes served by nodes 1 and 2: {local_delta}"
     for i in (2, 3):

@@ -290,6 +290,15 @@ class Lab:
     def pull(self, i: int, img: Image, timeout: float = 180):
         return self.run("pull", i, img.ref, timeout=timeout)
 
+    def pull_from_registry(self, i: int, img: Image, timeout: float = 180):
+        """Pulls on node i straight from the registry, past peerd (no hosts.toml that names it),
+        so that no peerd's pull-through cache holds the image: node i is its only holder."""
+        # ctr takes the last --hosts-dir given: this empty one, after lab.sh's own; the registry is
+        # then asked directly (over plain HTTP, as the lab's registry speaks).
+        hosts_dir = LAB_DIR / f"node{i}" / "certs.registry-only"
+        hosts_dir.mkdir(parents=True, exist_ok=True)
+        return self.run("pull", i, img.ref, "--hosts-dir", str(hosts_dir), "--plain-http", timeout=timeout)
+
     def check(self, i: int, img: Image):
         res = self.run("check", i, img.ref, timeout=120, check=False)
         assert res.returncode == 0 and "check-ok" in res.stdout, f"check {img.ref} on node {i}:\n{res.stdout}\n{res.stderr[-2000:]}"

@@ -43,7 +43,7 @@ def test_frozen_api_server_is_not_on_the_pull_path(env):
         # Node 3 starts while nobody answers: it comes up (lab.sh waits for /healthz), alone.
         lab.start_peerd(3, "--bootstrap", "kubernetes", env=cluster.peerd_env(ns, 3))
         keys = metrics(node_ip(1)).get("peerd_advertised_keys")
-        lab.pull(1, img, timeout=60)
+        lab.pull_from_registry(1, img, timeout=60)  # node 1 alone holds it, in no pull-through cache
         lab.wait_advertised(1, keys + len(img.blobs) + 1)
         before = served(node_ip(2), "peer")
         lab.pull(2, img, timeout=60)  # node 2 queues a P2PActive event that cannot be sent

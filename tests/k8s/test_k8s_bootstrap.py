@@ -50,7 +50,7 @@ def test_bootstrap_through_api_server(env):
     # Content that survives the loss: on a survivor before the kills.
     img = lab.push_random("bootstrap", 2, 4)
     keys = metrics(node_ip(seed)).get("peerd_advertised_keys")
-    lab.pull(seed, img)
+    lab.pull_from_registry(seed, img)  # the seed alone holds it, in no pull-through cache
     lab.wait_advertised(seed, keys + len(img.blobs) + 1)
 
     for i in sorted(doomed):

@@ -63,7 +63,7 @@ def test_pod_events(env):
     # Content from a peer: node 2 pulls what node 1 has.
     img = lab.push_random("events-active", 2, 2)
     keys = metrics(node_ip(1)).get("peerd_advertised_keys")
-    lab.pull(1, img)
+    lab.pull_from_registry(1, img)  # node 1 alone holds it, in no pull-through cache
     lab.wait_advertised(1, keys + len(img.blobs) + 1)
     before = served(node_ip(2), "peer")
     lab.pull(2, img)
@@ -77,7 +77,7 @@ def test_pod_events(env):
     # asked for it, gets bad bytes from node 1, must not complete the response, and says so.
     bad = lab.push_random("events-failed", 1, 1)
     keys = metrics(node_ip(1)).get("peerd_advertised_keys")
-    lab.pull(1, bad)
+    lab.pull_from_registry(1, bad)
     lab.wait_advertised(1, keys + len(bad.blobs) + 1)
     layer = bad.layers[0]
     path = lab.content_file(1, layer)
@@ -94,6 +94,8 @@ def test_pod_events(env):
         r = http_get(node_ip(2), 5000, url, timeout=30)
         if r.status == 404:  # the DHT lookup did not answer in time: not a failure, ask again
             return None
+        if r.complete and r.status == 200 and "sha256:" + hashlib.sha256(r.body).hexdigest() == layer:
+            return None  # the same, with pull-through: the exact bytes came from the registry, not node 1
         return r
 
     r = wait_for(attempt, 30, f"node 2 to fetch {layer} from node 1", interval=0.5)

@@ -213,7 +213,7 @@ def test_image_serves_peers_as_the_daemonset_runs_it(env, image):
 
         img = lab.push_random("image", 2, 4)
         keys = metrics(node_ip(NODE)).get("peerd_advertised_keys")
-        lab.pull(NODE, img)
+        lab.pull_from_registry(NODE, img)  # the containerised peerd's node alone holds it
         lab.wait_advertised(NODE, keys + len(img.blobs) + 1)
         before = served(node_ip(OTHER), "peer")
         local_before = served(node_ip(NODE), "local")
