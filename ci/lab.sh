@@ -286,8 +286,11 @@ cmd_set_registry_rate() {
 
 # ---------------------------------------------------------------- registry
 
-setup_registry() {
-    local d=$LAB_DIR/registry pid
+# write_registry_config DIR SERVICE PORT: a distribution registry on the filesystem under DIR,
+# with its access log on (the tests count GETs in it). It ends inside `http:`, so that a caller
+# can append to that block.
+write_registry_config() {
+    local d=$1
     mkdir -p "$d/storage"
     cat >"$d/config.yml" <<EOF
 version: 0.1
@@ -295,7 +298,7 @@ log:
   level: info
   formatter: text
   fields:
-    service: peerd-lab-registry
+    service: $2
   accesslog:
     disabled: false
 storage:
@@ -307,10 +310,15 @@ storage:
     uploadpurging:
       enabled: false
 http:
-  addr: 0.0.0.0:$REG_PORT
+  addr: 0.0.0.0:$3
   headers:
     X-Content-Type-Options: [nosniff]
 EOF
+}
+
+setup_registry() {
+    local d=$LAB_DIR/registry pid
+    write_registry_config "$d" peerd-lab-registry "$REG_PORT"
     setup_ns "$REG_NS" "$REG_HOSTIF" "$REG_IP"
     if pid=$(lab_pid "$RUN_DIR/registry.pid" "$REG_NS"); then
         log "registry already running (pid $pid)"
@@ -419,31 +427,11 @@ EOF
 
 write_tls_registry_config() {
     local d=$1
-    mkdir -p "$d/storage"
-    cat >"$d/config.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  formatter: text
-  fields:
-    service: peerd-lab-tls-registry
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $d/storage
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 0.0.0.0:$TREG_PORT
+    write_registry_config "$d" peerd-lab-tls-registry "$TREG_PORT"
+    cat >>"$d/config.yml" <<EOF
   tls:
     certificate: $d/server.crt
     key: $d/server.key
-  headers:
-    X-Content-Type-Options: [nosniff]
 auth:
   token:
     realm: https://$TREG_IP:$TOKEN_PORT/token

@@ -171,6 +171,15 @@ pub struct Reservation {
     reserved: Arc<AtomicU64>,
 }
 
+impl Reservation {
+    /// `n` of the held bytes are on disk now: the filesystem's free space counts them from here.
+    pub fn written(&mut self, n: u64) {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        self.reserved.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
@@ -305,7 +314,9 @@ pub fn trim(store: &crate::store::ContentStore, max_bytes: u64) -> usize {
         kept.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len(), e.path()));
     }
     let mut total: u64 = kept.iter().map(|k| k.1).sum();
-    kept.sort();
+    // Oldest first; but a blob larger than the whole cache goes before any other, or keeping it
+    // in size would empty the cache and then drop that blob too.
+    kept.sort_by_key(|(modified, len, _)| (*len <= max_bytes, *modified));
     for (_, len, path) in kept {
         if total <= max_bytes {
             break;
@@ -357,8 +368,40 @@ mod tests {
         assert_eq!(cache.reserve(600, 1000, 100).err(), Some(400), "the second must see the first's share");
         let b = cache.reserve(300, 1000, 100).expect("room for a smaller one");
         drop(a);
-        assert!(cache.reserve(500, 1000, 100).is_ok(), "an ended transfer gives its share back");
+        let mut c = cache.reserve(500, 1000, 100).expect("an ended transfer gives its share back");
+        // c wrote 400 of its 500 bytes: the filesystem now shows 600 free, of which only 100 are
+        // still c's; b holds 300.
+        c.written(400);
+        assert!(cache.reserve(100, 600, 100).is_ok(), "written bytes are not counted twice");
+        assert_eq!(cache.reserve(101, 600, 100).err(), Some(200));
+        drop(c);
         drop(b);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn trim_drops_a_blob_larger_than_the_cache_first() {
+        let dir = std::env::temp_dir().join(format!("peerd-cache-trim-{}", std::process::id()));
+        let store = crate::store::ContentStore::new(dir.join("content")).with_cache(dir.join("cache"));
+        let cache = store.cache_dir().unwrap();
+        std::fs::create_dir_all(&cache).unwrap();
+        let put = |name: &str, len: usize| std::fs::write(cache.join(name), vec![0u8; len]).unwrap();
+        put(&"a".repeat(64), 100); // oldest
+        std::thread::sleep(Duration::from_millis(20));
+        put(&"b".repeat(64), 100);
+        std::thread::sleep(Duration::from_millis(20));
+        put(&"c".repeat(64), 1000); // newest, larger than the whole cache
+        put(&format!("{}.partial", "d".repeat(64)), 50); // in flight: never trimmed
+        assert_eq!(trim(&store, 500), 1);
+        let mut left: Vec<String> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy()[..1].to_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a", "b", "d"], "the two that fit stay");
+        put(&"e".repeat(64), 400);
+        assert_eq!(trim(&store, 500), 1, "then the oldest goes");
+        assert!(!cache.join("a".repeat(64)).exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

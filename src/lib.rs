@@ -7,6 +7,7 @@ pub mod cache;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod egress;
 pub mod hosts_config;
 pub mod messages;
 pub mod metrics;

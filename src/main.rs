@@ -127,6 +127,8 @@ fn run(cfg: RunConfig) -> anyhow::Result<()> {
     )?;
 
     let registries = cfg.mirrored_registries();
+    // What pull-through may fetch: the registries --hosts names, or (all) public https hosts.
+    let egress = peerd::egress::Egress::new(&cfg.upstream_urls());
     let serve_cfg = dataplane::ServeConfig {
         default_registry: (registries.len() == 1).then(|| registries[0].clone()),
         registries,
@@ -134,10 +136,11 @@ fn run(cfg: RunConfig) -> anyhow::Result<()> {
         hedge_delay: cfg.hedge_delay(),
         resolve_latest_tag: cfg.resolve_latest_tag,
         upstreams: cfg.upstream_urls(),
+        egress: egress.clone(),
     };
     let pull_through = if cfg.pull_through {
         let blob_cache = Arc::new(cache::BlobCache::new(&cache_dir).context("creating the pull-through cache")?);
-        let upstream = upstream::spawn(blob_cache.clone(), metrics.clone(), control_handle.clone())?;
+        let upstream = upstream::spawn(blob_cache.clone(), metrics.clone(), control_handle.clone(), &egress)?;
         Some(dataplane::PullThrough { cache: blob_cache, upstream, members })
     } else {
         None

@@ -116,6 +116,9 @@ pub enum OciError {
     /// The `ns` parameter names a registry that is not mirrored.
     #[error("registry {0} is not mirrored by this node")]
     RegistryDenied(String),
+    /// A URL peerd will not fetch on a client's behalf (see `crate::egress`).
+    #[error("upstream URL refused: {0}")]
+    UpstreamDenied(&'static str),
     /// The request could not be parsed as HTTP/1.1.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -134,7 +137,7 @@ impl OciError {
             OciError::BadRequest(_) => 400,
             OciError::NotFound | OciError::BlobUnknown | OciError::ManifestUnknown => 404,
             OciError::Unsupported => 405,
-            OciError::RegistryDenied(_) => 403,
+            OciError::RegistryDenied(_) | OciError::UpstreamDenied(_) => 403,
             OciError::HeadersTooLarge => 431,
             OciError::RangeNotSatisfiable { .. } => 416,
         }
@@ -149,7 +152,7 @@ impl OciError {
             OciError::BlobUnknown => "BLOB_UNKNOWN",
             OciError::ManifestUnknown => "MANIFEST_UNKNOWN",
             OciError::Unsupported => "UNSUPPORTED",
-            OciError::RegistryDenied(_) => "DENIED",
+            OciError::RegistryDenied(_) | OciError::UpstreamDenied(_) => "DENIED",
             OciError::BadRequest(_) | OciError::HeadersTooLarge => "UNSUPPORTED",
             OciError::RangeNotSatisfiable { .. } => "BLOB_UNKNOWN",
         }

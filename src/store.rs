@@ -130,19 +130,32 @@ pub fn keep_verified(store: &ContentStore, index: &mut LocalIndex, verified: &mu
     let mut still = VerifiedBlobs::new();
     index.digests.retain(|d| {
         let Some(stamp) = store.stamp(d) else { return false };
-        if verified.get(d) == Some(&stamp) || matches!(store.verify(d), Ok(true)) {
+        if verified.get(d) == Some(&stamp) {
             still.insert(d.clone(), stamp);
-            true
-        } else {
-            // A torn or damaged pull-through copy would be served to this node's containerd and
-            // kept forever (a cached blob is never fetched again): drop it.
-            if !store.blob_path(d).is_file() {
-                if let Some(c) = store.cache_path(d) {
-                    let _ = std::fs::remove_file(c);
-                }
+            return true;
+        }
+        match store.verify(d) {
+            Ok(true) => {
+                still.insert(d.clone(), stamp);
+                true
             }
-            bad.push(d.clone());
-            false
+            // Not readable now (out of fds, an I/O error): not announced this round, not
+            // judged either; the next scan hashes it again.
+            Err(e) => {
+                tracing::debug!(digest = %d, error = %e, "could not hash a blob; announcing it later");
+                false
+            }
+            Ok(false) => {
+                // A torn or damaged pull-through copy would be served to this node's containerd and
+                // kept forever (a cached blob is never fetched again): drop it.
+                if !store.blob_path(d).is_file() {
+                    if let Some(c) = store.cache_path(d) {
+                        let _ = std::fs::remove_file(c);
+                    }
+                }
+                bad.push(d.clone());
+                false
+            }
         }
     });
     *verified = still;

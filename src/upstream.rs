@@ -15,12 +15,14 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::cache::{BlobCache, Transfer};
+use crate::cache::{BlobCache, Reservation, Transfer};
+use crate::egress::Egress;
 use crate::messages::{mailbox, ControlHandle, ControlRequest, MailboxReceiver, MailboxSender};
 use crate::metrics::{FromLabels, Metrics, OpLabels};
 use crate::oci::Digest;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REDIRECTS: usize = 8;
 /// Upstream may pause this long mid-body before the fetch is given up.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -53,13 +55,33 @@ impl UpstreamHandle {
 }
 
 /// Starts the upstream thread.
-pub fn spawn(cache: Arc<BlobCache>, metrics: Metrics, control: ControlHandle) -> anyhow::Result<UpstreamHandle> {
+pub fn spawn(
+    cache: Arc<BlobCache>,
+    metrics: Metrics,
+    control: ControlHandle,
+    egress: &Egress,
+) -> anyhow::Result<UpstreamHandle> {
     let (tx, rx) = mailbox::<Job>();
+    // Registries redirect blob GETs to their storage; a redirect may not lead where a client
+    // could not have sent peerd itself (see `crate::egress`).
+    let policy = {
+        let egress = egress.clone();
+        reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                return attempt.error("too many redirects");
+            }
+            match egress.redirect_allowed(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(why) => attempt.error(why),
+            }
+        })
+    };
     let client = reqwest::Client::builder()
         .user_agent(concat!("peerd/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(READ_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::limited(8))
+        .redirect(policy)
+        .dns_resolver(egress.resolver())
         .build()?;
     // Built here, not on the thread: a runtime that cannot start fails `spawn`, instead of
     // leaving jobs queued that no one will ever run.
@@ -161,7 +183,7 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<File, Failure> {
     let size = resp.content_length().ok_or_else(|| ("upstream sent no Content-Length".to_owned(), true))?;
     // A full disk must not turn into broken pulls: refuse before promising a body, and the client
     // goes to the registry itself. Transfers in flight hold their share of the free space.
-    let _space = match crate::sys::free_bytes(&writer) {
+    let mut space = match crate::sys::free_bytes(&writer) {
         Ok(free) => Some(
             ctx.cache
                 .reserve(size, free, MIN_FREE_BYTES)
@@ -184,7 +206,7 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<File, Failure> {
             match tokio::time::timeout(WRITE_AFTER.saturating_sub(last_write.elapsed()), resp.chunk()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    flush(&mut writer, &mut pending, &transfer)?;
+                    flush(&mut writer, &mut pending, &transfer, &mut space)?;
                     last_write = Instant::now();
                     continue;
                 }
@@ -203,11 +225,11 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<File, Failure> {
         fetched.inc_by(chunk.len() as u64);
         pending.extend_from_slice(&chunk);
         if pending.len() >= WRITE_EVERY || last_write.elapsed() >= WRITE_AFTER {
-            flush(&mut writer, &mut pending, &transfer)?;
+            flush(&mut writer, &mut pending, &transfer, &mut space)?;
             last_write = Instant::now();
         }
     }
-    flush(&mut writer, &mut pending, &transfer)?;
+    flush(&mut writer, &mut pending, &transfer, &mut space)?;
     if got != size {
         return Err((format!("upstream ended after {got} of {size} bytes"), false));
     }
@@ -224,12 +246,21 @@ async fn fetch(ctx: &Upstream, job: Job) -> Result<File, Failure> {
     Ok(writer)
 }
 
-fn flush(writer: &mut File, pending: &mut Vec<u8>, transfer: &Transfer) -> Result<(), Failure> {
+fn flush(
+    writer: &mut File,
+    pending: &mut Vec<u8>,
+    transfer: &Transfer,
+    space: &mut Option<Reservation>,
+) -> Result<(), Failure> {
     if pending.is_empty() {
         return Ok(());
     }
     writer.write_all(pending).map_err(|e| (format!("writing the cache: {e}"), false))?;
     transfer.advance(pending.len() as u64);
+    if let Some(space) = space {
+        // On disk now: the filesystem's free space accounts for these bytes from here on.
+        space.written(pending.len() as u64);
+    }
     pending.clear();
     Ok(())
 }

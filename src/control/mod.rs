@@ -288,6 +288,9 @@ fn spawn_scan(mut job: ScanJob, done: mpsc::Sender<ScanResult>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "scanning containerd failed");
+                // Pull-through goes on without containerd: its cache must still keep in size.
+                let (store, max) = (job.store.clone(), job.cache_max_bytes);
+                let _ = tokio::task::spawn_blocking(move || crate::cache::trim(&store, max)).await;
                 None
             }
         };

@@ -334,17 +334,20 @@ pub async fn relay_blob(
         let hi = (offset + n as u64).min(window.end + 1);
         let piece = (lo < hi).then(|| ((lo - offset) as usize, (hi - offset) as usize));
         offset += n as u64;
-        spare = match pending.take() {
-            Some((p, a, b)) => match write_slice(client, p, a, b).await {
-                Ok(p) => p,
-                Err(()) => return RelayOutcome::ClientGone,
-            },
-            None => Vec::with_capacity(BUF_SIZE),
-        };
-        if let Some((a, b)) = piece {
-            pending = Some((buf, a, b));
-        } else {
-            spare = buf;
+        match piece {
+            // The held piece goes out only once a later piece of the window has arrived: the
+            // window's last piece waits for the digest even when the blob goes on past it.
+            Some((a, b)) => {
+                spare = match pending.take() {
+                    Some((p, pa, pb)) => match write_slice(client, p, pa, pb).await {
+                        Ok(p) => p,
+                        Err(()) => return RelayOutcome::ClientGone,
+                    },
+                    None => Vec::with_capacity(BUF_SIZE),
+                };
+                pending = Some((buf, a, b));
+            }
+            None => spare = buf,
         }
     }
     if Digest::from_sha256(hasher.finalize().into()) != *digest {

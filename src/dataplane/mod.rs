@@ -74,6 +74,8 @@ pub struct ServeConfig {
     /// `host[:port]` → base URL of its API (from `--hosts`); a registry not listed is reached
     /// over https when `--hosts` allows all.
     pub upstreams: Vec<(String, String)>,
+    /// Which URLs pull-through may fetch.
+    pub egress: crate::egress::Egress,
 }
 
 /// Pull-through: the cache of blobs fetched from upstream, and the thread that fetches them.

@@ -57,25 +57,31 @@ pub async fn handle(shard: &Rc<Shard>, stream: &mut TcpStream, req: &Request) ->
                 respond_error(stream, &e, req, handler).await
             } else {
                 let target = blob_target(&name, &digest, registry.as_deref());
-                let origin = shard.upstream_url(registry.as_deref(), &name, &digest).map(|url| Origin {
-                    url,
-                    scope: Some(format!("repository:{name}:pull")),
-                    home_target: target.clone(),
-                });
+                // A registry peerd may not reach (`ns=` naming a local address, with --hosts
+                // allowing all) is served from peers only.
+                let origin = shard
+                    .upstream_url(registry.as_deref(), &name, &digest)
+                    .and_then(|url| shard.cfg.egress.check(&url, &digest).ok())
+                    .map(|url| Origin {
+                        url: url.into(),
+                        scope: Some(format!("repository:{name}:pull")),
+                        home_target: target.clone(),
+                    });
                 serve_blob(shard, stream, req, &digest, &target, origin, handler).await
             }
         }
-        Ok(Route::StreamBlob { digest, url }) => {
-            // Content is shared by digest, so peers are asked through the /v2 path they all serve;
-            // the home node is handed the URL itself.
-            let target = blob_target("peerd/stream", &digest, None);
-            let origin = (url.starts_with("https://") || url.starts_with("http://")).then(|| Origin {
-                url,
-                scope: None,
-                home_target: req.target.clone(),
-            });
-            serve_blob(shard, stream, req, &digest, &target, origin, handler).await
-        }
+        Ok(Route::StreamBlob { digest, url }) => match shard.cfg.egress.check(&url, &digest) {
+            // A URL peerd would not fetch is refused outright, even when a peer has the digest:
+            // the answer must not depend on what the cluster happens to hold.
+            Err(why) => respond_error(stream, &OciError::UpstreamDenied(why), req, handler).await,
+            Ok(url) => {
+                // Content is shared by digest, so peers are asked through the /v2 path they all
+                // serve; the home node is handed the URL itself (and checks it again).
+                let target = blob_target("peerd/stream", &digest, None);
+                let origin = Origin { url: url.into(), scope: None, home_target: req.target.clone() };
+                serve_blob(shard, stream, req, &digest, &target, Some(origin), handler).await
+            }
+        },
         Ok(Route::Manifest { name, reference, registry }) => match shard.check_registry(registry.as_deref()) {
             Err(e) => respond_error(stream, &e, req, handler).await,
             Ok(()) => serve_manifest(shard, stream, req, &name, &reference, registry.as_deref()).await,

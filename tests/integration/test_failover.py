@@ -9,7 +9,7 @@ are in test_pull_through.py.)"""
 import hashlib
 import os
 
-from conftest import MIB, http, metrics, wait_for
+from conftest import MIB, http, metrics, oci_path, wait_for
 
 SHAPED_RATE = "400mbit"  # peer egress while a pull runs: slow enough to be caught mid-transfer
 
@@ -98,6 +98,30 @@ def test_corrupt_peer_blob_never_makes_a_bad_image(lab):
             print("pull failed as allowed:", res.stderr.strip().splitlines()[-1])
         after = metrics(2).get("peerd_digest_mismatch_total", **{"from": "peer"})
         assert after - mismatches >= 1, "node 2 received corrupt bytes from node 1 but counted no digest mismatch"
+    finally:
+        _forget_corruption(lab, img)
+
+
+def test_range_of_a_corrupt_peer_blob_is_never_complete(lab):
+    """A client that asks a range of a blob only a peer has gets it only if the whole blob checks
+    out: the bytes of its range may be right while the blob is not (here the damage is in the
+    middle, the range at the start), and a complete 206 would hand it bytes nobody verified."""
+    img = _corrupt_on_node1(lab, "corrupt-range")
+    layer = img.layers[0]
+    path = oci_path("blobs", img.repo, layer)
+    mismatches = metrics(2).get("peerd_digest_mismatch_total", **{"from": "peer"})
+    try:
+        try:
+            r = http(2, "GET", path, headers={"Range": "bytes=0-1023"}, timeout=60)
+        except AssertionError as e:  # the response was cut short: what must happen
+            print("range cut short:", e)
+        else:
+            raise AssertionError(f"node 2 completed a range of a blob whose digest did not match: {r}")
+        wait_for(
+            lambda: metrics(2).get("peerd_digest_mismatch_total", **{"from": "peer"}) > mismatches,
+            20,
+            "node 2 to count the mismatch",
+        )
     finally:
         _forget_corruption(lab, img)
 
