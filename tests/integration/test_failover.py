@@ -8,10 +8,12 @@ are in test_pull_through.py.)"""
 
 import hashlib
 import os
+import time
 
 from conftest import MIB, http, metrics, oci_path, wait_for
 
 SHAPED_RATE = "400mbit"  # peer egress while a pull runs: slow enough to be caught mid-transfer
+KUBELET_FIRST_BACKOFF_S = 10  # kubelet's image pull back-off starts at 10 s
 
 
 def _shape(lab, node: int, rate: str | None):
@@ -126,11 +128,27 @@ def test_range_of_a_corrupt_peer_blob_is_never_complete(lab):
         _forget_corruption(lab, img)
 
 
+def _wait_for_ingests_dropped(lab, node, timeout):
+    """Waits until containerd has no ingest in progress, for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = _containerd_ingests(lab, node).strip().splitlines()
+        if len(listing) <= 1:  # the header only
+            return
+        time.sleep(0.2)
+
+
 def test_pull_retried_after_a_corrupt_peer_succeeds(lab):
     """kubelet retries a failed pull: a retry must get the image, since the peer that sent bad bytes
-    is no longer asked. (containerd keeps the bytes it received in its ingest and resumes from
-    there, so the attempt that resumes on top of the corrupt prefix fails its commit too; the
-    issue allows failed attempts, not a node that can never pull the image.)"""
+    is no longer asked.
+
+    containerd keeps the bytes it received in its ingest: when peerd cuts the response short,
+    containerd resumes with a Range request within the same attempt, gets the correct rest, and
+    its commit fails on the corrupt prefix; the complete ingest is dropped only when the pull's
+    lease is gone and containerd's garbage collector has run (its runs are spaced out, by up to a
+    few seconds). kubelet waits 10 s before its first retry; this test retries as soon as the
+    ingest is gone, and after 10 s in any case. The issue allows failed attempts, not a node that
+    can never pull the image."""
     img = _corrupt_on_node1(lab, "corrupt-retry")
     attempts = []
     try:
@@ -139,6 +157,7 @@ def test_pull_retried_after_a_corrupt_peer_succeeds(lab):
             attempts.append(res.returncode == 0 or res.stderr.strip().splitlines()[-1])
             if res.returncode == 0:
                 break
+            _wait_for_ingests_dropped(lab, 2, KUBELET_FIRST_BACKOFF_S)
         print("attempts:", attempts)
         assert attempts[-1] is True, (
             "node 2 could not pull the image in 4 attempts:\n" + "\n".join(map(str, attempts))
