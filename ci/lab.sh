@@ -316,19 +316,25 @@ http:
 EOF
 }
 
+# start_registry NAME NETNS DIR: runs docker-registry with DIR/config.yml in NETNS unless it
+# already runs (pid in $RUN_DIR/NAME.pid). The access log (Apache combined format, every request)
+# goes to DIR/access.log, the application log to DIR/registry.log.
+start_registry() {
+    local name=$1 ns=$2 d=$3 pid
+    if pid=$(lab_pid "$RUN_DIR/$name.pid" "$ns"); then
+        log "$name already running (pid $pid)"
+    else
+        setsid ip netns exec "$ns" docker-registry serve "$d/config.yml" \
+            >>"$d/access.log" 2>>"$d/registry.log" </dev/null 9>&- &
+        echo $! >"$RUN_DIR/$name.pid"
+    fi
+}
+
 setup_registry() {
-    local d=$LAB_DIR/registry pid
+    local d=$LAB_DIR/registry
     write_registry_config "$d" peerd-lab-registry "$REG_PORT"
     setup_ns "$REG_NS" "$REG_HOSTIF" "$REG_IP"
-    if pid=$(lab_pid "$RUN_DIR/registry.pid" "$REG_NS"); then
-        log "registry already running (pid $pid)"
-    else
-        # The access log (Apache combined format, every request) goes to stdout,
-        # the application log to stderr.
-        setsid ip netns exec "$REG_NS" docker-registry serve "$d/config.yml" \
-            >>"$d/access.log" 2>>"$d/registry.log" </dev/null 9>&- &
-        echo $! >"$RUN_DIR/registry.pid"
-    fi
+    start_registry registry "$REG_NS" "$d"
 }
 
 wait_registry() {
@@ -491,14 +497,7 @@ tls_registry_up() {
     write_tls_registry_config "$d"
     [[ -f $d/token-mode ]] || echo anonymous >"$d/token-mode"
     setup_ns "$TREG_NS" "$TREG_HOSTIF" "$TREG_IP"
-    if pid=$(lab_pid "$RUN_DIR/tls-registry.pid" "$TREG_NS"); then
-        log "TLS registry already running (pid $pid)"
-    else
-        # As for the plain registry: access log on stdout, application log on stderr.
-        setsid ip netns exec "$TREG_NS" docker-registry serve "$d/config.yml" \
-            >>"$d/access.log" 2>>"$d/registry.log" </dev/null 9>&- &
-        echo $! >"$RUN_DIR/tls-registry.pid"
-    fi
+    start_registry tls-registry "$TREG_NS" "$d"
     if pid=$(lab_pid "$RUN_DIR/token-server.pid" "$TREG_NS"); then
         log "token server already running (pid $pid)"
     else

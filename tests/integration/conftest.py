@@ -518,6 +518,10 @@ class Lab:
         """Pulls on node i, then waits (bounded) until its peerd announces the image."""
         before = metrics(i).get("peerd_advertised_keys")
         self.pull(i, img)
+        self._wait_advertised(i, img, before, timeout)
+
+    @staticmethod
+    def _wait_advertised(i: int, img: Image, before: float, timeout: float):
         want = before + img.min_keys
         wait_for(
             lambda: metrics(i).get("peerd_advertised_keys") >= want,
@@ -542,12 +546,7 @@ class Lab:
         use it so that which node serves what does not depend on where pull-through put a blob."""
         before = metrics(i).get("peerd_advertised_keys")
         self.pull_from_registry(i, img)
-        want = before + img.min_keys
-        wait_for(
-            lambda: metrics(i).get("peerd_advertised_keys") >= want,
-            timeout,
-            f"node {i} to advertise {img.ref} (advertised_keys >= {want})",
-        )
+        self._wait_advertised(i, img, before, timeout)
 
     def cache_file(self, i: int, digest: str, partial: bool = False) -> Path:
         """Where node i's peerd keeps a blob it pulled through from upstream."""

@@ -166,6 +166,16 @@ def pull_all(lab, img: TlsImage, *flags: str) -> None:
     assert not failed, f"pulls of {img.ref} failed on node(s) {sorted(failed)}:\n{failed}"
 
 
+def pull_all_from_a_slow_registry(lab, tls: TlsRegistry, img: TlsImage) -> None:
+    """pull_all with the registry's egress at 200 Mbit/s, slow enough that the pulls overlap while
+    the blobs are still arriving."""
+    tls.set_rate("200mbit")
+    try:
+        pull_all(lab, img)
+    finally:
+        tls.set_rate("none")
+
+
 def assert_byte_exact(lab, tls: TlsRegistry, img: TlsImage) -> None:
     """ctr's check and the content verifier pass on every node, and every blob in each node's
     content store is the registry's own copy, byte for byte."""
@@ -204,12 +214,7 @@ def test_simultaneous_pulls_through_tls_and_token_auth(lab, tls):
     start_peerds(lab, "1")
     tokens_before = len(tls.token_log())
     fetched_before = fetched_upstream()
-    # A registry slow enough that the three pulls overlap while the blobs are still arriving.
-    tls.set_rate("200mbit")
-    try:
-        pull_all(lab, img)
-    finally:
-        tls.set_rate("none")
+    pull_all_from_a_slow_registry(lab, tls, img)
     assert_byte_exact(lab, tls, img)
     gets = tls.gets(img)
     agents = tls.blob_get_agents(img)
@@ -235,11 +240,7 @@ def test_peerd_not_trusting_the_registry_ca_changes_nothing_for_the_user(lab, tl
     tokens_before = len(tls.token_log())
     fetched_before = fetched_upstream()
     assert_peerd_says_404(img)
-    tls.set_rate("200mbit")
-    try:
-        pull_all(lab, img)
-    finally:
-        tls.set_rate("none")
+    pull_all_from_a_slow_registry(lab, tls, img)
     assert_byte_exact(lab, tls, img)
     assert fetched_upstream() == fetched_before, "peerd fetched from a registry whose certificate it cannot verify"
     gets = tls.gets(img)
