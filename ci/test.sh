@@ -13,8 +13,8 @@ bash "$here/install-deps.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/root/.cache/peerd/target}
 
 # On a machine with nothing cached, building the Kubernetes control plane from the Go module proxy
-# takes ~18 min: it runs alongside the Rust build and the lab tests, at the lowest priority, so it
-# only takes CPU they leave idle (a no-op of seconds when cached).
+# takes minutes (~6 measured here): it runs alongside the Rust build and the lab tests, at the
+# lowest priority, so it only takes CPU they leave idle (a no-op of seconds when cached).
 cp_pid=
 if [[ ${1:-all} != unit ]]; then
     cp_log=$(mktemp /tmp/peerd-control-plane-install.XXXXXX)

@@ -121,7 +121,8 @@ pub fn forbidden(ip: IpAddr) -> bool {
     }
 }
 
-fn ip_literal(url: &Url) -> Option<IpAddr> {
+/// The URL's host when it is an IP address (in any of the forms the URL parser accepts).
+pub fn ip_literal(url: &Url) -> Option<IpAddr> {
     match url.host()? {
         url::Host::Ipv4(a) => Some(IpAddr::V4(a)),
         url::Host::Ipv6(a) => Some(IpAddr::V6(a)),

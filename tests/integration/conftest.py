@@ -516,12 +516,14 @@ class Lab:
 
     def pull_and_advertise(self, i: int, img: Image, timeout: float = 20):
         """Pulls on node i, then waits (bounded) until its peerd announces the image."""
-        before = metrics(i).get("peerd_advertised_keys")
-        self.pull(i, img)
-        self._wait_advertised(i, img, before, timeout)
+        self._advertised_after(i, img, lambda: self.pull(i, img), timeout)
 
     @staticmethod
-    def _wait_advertised(i: int, img: Image, before: float, timeout: float):
+    def _advertised_after(i: int, img: Image, pull, timeout: float):
+        """Runs `pull`, then waits (bounded) until node i advertises img's keys on top of what it
+        advertised before."""
+        before = metrics(i).get("peerd_advertised_keys")
+        pull()
         want = before + img.min_keys
         wait_for(
             lambda: metrics(i).get("peerd_advertised_keys") >= want,
@@ -544,9 +546,7 @@ class Lab:
         """Makes node i the only holder of `img`, the way it was before pull-through: a pull straight
         from the registry, then (bounded) until node i's peerd announces it. Tests of the peer path
         use it so that which node serves what does not depend on where pull-through put a blob."""
-        before = metrics(i).get("peerd_advertised_keys")
-        self.pull_from_registry(i, img)
-        self._wait_advertised(i, img, before, timeout)
+        self._advertised_after(i, img, lambda: self.pull_from_registry(i, img), timeout)
 
     def cache_file(self, i: int, digest: str, partial: bool = False) -> Path:
         """Where node i's peerd keeps a blob it pulled through from upstream."""
